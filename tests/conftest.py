@@ -1,0 +1,94 @@
+"""Tiny CIFAR-like data sets written in every real source format.
+
+The images are learnable: each class has its own colour, position of a bright square and
+noise, so a few epochs of a small model must beat chance clearly.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = [f"c{i}" for i in range(10)]
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+# Keep every test on loopback and off the network (Ray, when it starts, reads these too).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def make_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NCHW images and labels; class k: a tinted background and a square at a k-th spot."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for k in range(10):
+        tint = np.array([(k * 37) % 256, (k * 91) % 256, (k * 53) % 256], dtype=np.float64)
+        for _ in range(n_per_class):
+            img = rng.normal(0, 30, size=(3, 32, 32)) + tint[:, None, None] * 0.6 + 40
+            r, c = (k // 4) * 10 + 2, (k % 4) * 7 + 2
+            img[:, r:r + 8, c:c + 6] = 250
+            xs.append(np.clip(img, 0, 255).astype(np.uint8))
+            ys.append(k)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+def write_image_tree(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], suffix: str = ".png") -> Path:
+    for split, (x, y) in splits.items():
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = root / split / CLASSES[label]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.transpose(1, 2, 0)).save(d / f"{i:05d}{suffix}", quality=95)
+    return root
+
+
+def write_batches(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """The official cifar-10-batches-py layout: five data batches, a test batch, the meta file."""
+    root.mkdir(parents=True, exist_ok=True)
+    x, y = splits["train"]
+    parts = np.array_split(np.arange(len(y)), 5)
+    for i, idx in enumerate(parts, 1):
+        with open(root / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": x[idx].reshape(len(idx), -1), b"labels": y[idx].tolist()}, f)
+    tx, ty = splits["test"]
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump({b"data": tx.reshape(len(ty), -1), b"labels": ty.tolist()}, f)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in CLASSES]}, f)
+    return root
+
+
+def write_tar(tree: Path, out: Path, top: str = "cifar") -> Path:
+    with tarfile.open(out, "w:gz" if out.name.endswith(".gz") else "w") as tar:
+        tar.add(tree, arcname=top)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {"train": make_images(30, seed=1), "test": make_images(10, seed=2)}
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory, tiny_arrays) -> dict[str, Path]:
+    """The same tiny data set as each real source format."""
+    base = tmp_path_factory.mktemp("sources")
+    png = write_image_tree(base / "png", tiny_arrays, ".png")
+    return {
+        "png": png,
+        "jpeg": write_image_tree(base / "jpeg", tiny_arrays, ".jpg"),
+        "batches": write_batches(base / "cifar-10-batches-py", tiny_arrays),
+        "tar_gz": write_tar(png, base / "tiny.tar.gz"),
+        "tar": write_tar(png, base / "tiny.tar"),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, sources) -> Path:
+    from vgg_xai.data import prepare
+
+    return prepare(sources["png"], tmp_path_factory.mktemp("cache") / "tiny.h5")

@@ -1,0 +1,136 @@
+"""The `vgg-xai` command: thin subcommands over the modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+_TRAIN_FLAGS = {  # flag -> (TrialConfig field, type, help)
+    "--arch": ("arch", str, "vgg11_cifar (default) or simple_cnn"),
+    "--variant": ("variant", str, "plain, bn, bn_dropout, l2, bn_augment (simple_cnn: bn_l2, bn_l2_augment)"),
+    "--lr-schedule": ("lr_schedule", str, "const_1e-3 (default), const_1e-2 or alternate"),
+    "--alternate-period": ("alternate_period", int, "epochs per phase of the alternate schedule (1)"),
+    "--epochs": ("epochs", int, "epochs to train (15)"),
+    "--batch-size": ("batch_size", int, "batch size (128)"),
+    "--width": ("width", float, "multiplier on conv channels: 1 for the study, 0.125 for a CPU"),
+    "--head": ("head", str, "mlp (512-1000-512-10, default) or linear (GAP -> Linear)"),
+    "--init": ("init", str, "torch_default (default) or kaiming"),
+    "--l2-coef": ("l2_coef", float, "L2 penalty of the l2 switch (5e-4)"),
+    "--seed": ("seed", int, "seed of init, shuffling, augmentation and dropout (0)"),
+    "--train-size": ("train_size", int, "class-balanced train subset (default: all 40,000)"),
+    "--valid-size": ("valid_size", int, "class-balanced valid subset (default: all 10,000)"),
+    "--test-size": ("test_size", int, "class-balanced test subset (default: all 10,000)"),
+    "--precision": ("precision", str, "auto (bf16 autocast where supported), fp32 or bf16"),
+    "--device": ("device", str, "auto, cpu or cuda"),
+}
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from .data import DEFAULT_CACHE
+
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                   help=f"the prepared HDF5 cache to write or reuse (default: {DEFAULT_CACHE})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vgg-xai",
+        description="Train and interpret a grid of VGG11-CIFAR variants: data preparation, single trials.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="prepare the CIFAR-10 cache")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prep = dsub.add_parser(
+        "prepare", help="turn a CIFAR-10 source into the cache training reads",
+        description="Decode a CIFAR-10 source once into one HDF5 cache: uint8 images, the 40k/10k/10k "
+                    "train/valid/test split and the train split's channel statistics. Idempotent.")
+    prep.add_argument("--source", type=Path, default=None,
+                      help="an extracted cifar-10-batches-py folder, or an ImageFolder tree "
+                           "(train/<class>/*, test/<class>/*) as a folder, .tar or .tar.gz; "
+                           "omitted: download with torchvision")
+    _add_data_args(prep)
+    prep.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid split (0)")
+    prep.add_argument("--force", action="store_true", help="replace a cache made from another source")
+
+    train = sub.add_parser(
+        "train", help="run one trial",
+        description="Train one configuration for its epochs with Adam and write checkpoints, "
+                    "history.csv and features.h5 to --out. Flags override the --config YAML.")
+    train.add_argument("--config", type=Path, help="a YAML file of trial settings (keys as in config.json)")
+    train.add_argument("--data", type=Path,
+                       help="a prepared cache (.h5) or a source to prepare first (default: the default cache)")
+    _add_data_args(train)
+    for flag, (_, typ, help_) in _TRAIN_FLAGS.items():
+        train.add_argument(flag, type=typ, default=None, help=help_)
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (CUDA)")
+    train.add_argument("--out", type=Path, required=True, help="the trial's output folder")
+    train.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if it exists")
+    return parser
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    path = prepare(args.source, args.cache, split_seed=args.split_seed, force=args.force)
+    print(path)
+    return 0
+
+
+def _resolve_data(data: Path | None, cache: Path) -> Path:
+    from .data import load_cache, prepare
+
+    if data is None:
+        load_cache(cache)  # a clear error when it is missing
+        return cache.absolute()
+    if data.suffix in (".h5", ".hdf5") and data.is_file():
+        return data.absolute()
+    return prepare(data, cache)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrialConfig, load_yaml
+    from .train import run_trial
+
+    settings = load_yaml(args.config) if args.config else {}
+    for flag, (key, _, _) in _TRAIN_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            settings[key] = value
+    if args.compile:
+        settings["compile"] = True
+    if args.data is not None or "data" not in settings:
+        settings["data"] = str(_resolve_data(args.data, args.cache))
+    cfg = TrialConfig.from_dict(settings, where=str(args.config or "flags"))
+    result = run_trial(cfg, args.out, report=_print_epoch, resume=args.resume)
+    print(json.dumps(result.__dict__, indent=2))
+    return 0 if result.status == "completed" else 1
+
+
+def _print_epoch(m: dict, _ckpt: Path) -> None:
+    print(f"epoch {m['epoch']:>3}  lr {m['lr']:.0e}  train {m['train_loss']:.4f} / {m['train_acc']:.3f}  "
+          f"valid {m['valid_loss']:.4f} / {m['valid_acc']:.3f}  {m['images_per_s']:.0f} img/s  {m['seconds']:.1f}s",
+          flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            return _cmd_prepare(args)
+        return _cmd_train(args)
+    except UserError as e:
+        print(f"vgg-xai: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vgg-xai: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""`run_trial`: the one function that trains and evaluates one configuration.
+
+It knows nothing of Ray or SLURM: it is handed a ``report(metrics, checkpoint_path)`` callable,
+and each of those wraps it in a few lines. Files it writes in ``out_dir``:
+config.json, checkpoint_init.pt, checkpoint.pt (after every epoch), history.csv, features.h5,
+result.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, features
+from .config import TrialConfig
+from .data import DeviceSplit, load_splits, make_augment
+from .errors import UserError
+from .model import ConvNet, build_model
+from .progress import progress
+
+Report = Callable[[dict[str, Any], Path], None]
+HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc",
+                   "seconds", "images_per_s", "status"]
+
+
+@dataclass
+class TrialResult:
+    trial_id: str
+    status: str  # completed | diverged
+    epochs_completed: int
+    best_valid_acc: float
+    best_epoch: int
+    test_loss: float
+    test_acc: float
+    wall_s: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for but torch sees no GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, channels_last)."""
+    cuda = device.type == "cuda"
+    if precision == "fp32":
+        return None, cuda
+    if precision == "bf16" or cuda or cpu_supports_bf16():
+        return torch.bfloat16, cuda
+    return None, False
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Every epoch draws its randomness from its own seed, so a resumed run repeats it exactly."""
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def evaluate(model: ConvNet, split: DeviceSplit, batch_size: int, dtype: torch.dtype | None,
+             channels_last: bool) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Loss, accuracy, feature vectors and logits of a split (model in eval mode)."""
+    model.eval()
+    feats, logits = [], []
+    with torch.inference_mode():
+        for x, _ in split.batches(batch_size):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(split.device, dtype):
+                f, out = model.features_and_logits(x)
+            feats.append(f.float())
+            logits.append(out.float())
+        f_all, l_all = torch.cat(feats), torch.cat(logits)
+        loss = F.cross_entropy(l_all, split.labels).item()
+        acc = (l_all.argmax(1) == split.labels).float().mean().item()
+    return loss, acc, f_all.cpu().numpy(), l_all.cpu().numpy()
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    checkpoint.atomic_write_text(path, buf.getvalue())
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def versions() -> dict[str, str]:
+    import h5py
+    import kornia
+    import torchvision
+
+    from . import __version__
+
+    return {"vgg_xai": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "h5py": h5py.__version__, "kornia": kornia.__version__}
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrialConfig, path: Path) -> None:
+    """A checkpoint continues only the trial it came from (the epoch count may grow)."""
+    now = cfg.to_dict()
+    diff = sorted(k for k in now if k != "epochs" and saved.get(k) != now[k])
+    if diff:
+        raise UserError(f"{path}: checkpoint is of another trial configuration (differs in "
+                        f"{', '.join(diff)}); use another out dir or start without resume")
+
+
+def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = None,
+              resume: bool | str | Path | None = None) -> TrialResult:
+    """Train ``cfg`` for its epochs with Adam, then dump test-set features.
+
+    ``resume``: True continues from ``out_dir/checkpoint.pt`` when it exists; a path continues
+    from that checkpoint. A run interrupted after epoch k and resumed ends with the same
+    weights and history as an uninterrupted run (bitwise on the CPU).
+
+    The ``l2`` switch is coupled weight decay: Adam's ``weight_decay=l2_coef`` adds
+    ``l2_coef * w`` to each gradient, the gradient of an explicit ``l2_coef/2 * ||w||^2``
+    loss term, before Adam's moment estimates (not AdamW's decoupled decay).
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    dtype, channels_last = resolve_precision(cfg.precision, device)
+    splits, prep = load_splits(cfg.data, device, train_size=cfg.train_size, valid_size=cfg.valid_size,
+                               test_size=cfg.test_size, subset_seed=cfg.subset_seed)
+
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr_at(0), weight_decay=cfg.l2_coef if cfg.l2 else 0.0)
+
+    ckpt_path = out / "checkpoint.pt"
+    resume_from = ckpt_path if resume is True else (Path(resume) if resume else None)
+    history: list[dict[str, Any]] = []
+    start = 0
+    if resume_from is not None and resume_from.is_file():
+        saved = checkpoint.load(resume_from)
+        _check_resumable(saved["config"], cfg, resume_from)
+        net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        history = saved["history"]
+        start = saved["epoch"] + 1
+        torch.set_rng_state(saved["rng"]["torch"])
+        if "cuda" in saved["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    else:
+        checkpoint.save({"model": net.state_dict(), "config": cfg.to_dict(), "epoch": -1}, out / "checkpoint_init.pt")
+    checkpoint.atomic_write_text(out / "config.json", cfg.to_json())
+
+    model = torch.compile(net) if cfg.compile and device.type == "cuda" else net
+    augment = make_augment().to(device) if cfg.augment else None
+    train = splits["train"]
+    status = "completed"
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        lr = cfg.lr_at(epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+        torch.manual_seed(epoch_seed(cfg.seed, epoch) + 1)  # augmentation and dropout
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        n_batches = math.ceil(len(train) / cfg.batch_size)
+        with progress(total=n_batches, desc=f"{cfg.trial_id} {epoch + 1}/{cfg.epochs}") as bar:
+            for x, y in train.batches(cfg.batch_size, generator=gen, augment=augment):
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, dtype):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                # Accumulate on the device: no host sync per step.
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                bar.update()
+        train_s = time.perf_counter() - t0
+        train_loss = loss_sum.item() / len(train)
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
+                               "train_acc": correct.item() / len(train)}
+        if not math.isfinite(train_loss):
+            row.update(valid_loss=float("nan"), valid_acc=float("nan"), seconds=time.perf_counter() - t0,
+                       images_per_s=len(train) / train_s, status="diverged")
+            history.append(row)
+            status = "diverged"
+            break  # the last good checkpoint stays as it is
+        valid_loss, valid_acc, _, _ = evaluate(net, splits["valid"], cfg.batch_size, dtype, channels_last)
+        row.update(valid_loss=valid_loss, valid_acc=valid_acc, seconds=time.perf_counter() - t0,
+                   images_per_s=len(train) / train_s, status="ok")
+        history.append(row)
+        checkpoint.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                         "rng": _rng_state(), "config": cfg.to_dict(), "history": history}, ckpt_path)
+        _write_history(out / "history.csv", history)
+        if report is not None:
+            report(dict(row), ckpt_path)
+
+    _write_history(out / "history.csv", history)
+    ok = [r for r in history if r["status"] == "ok"]
+    best = max(ok, key=lambda r: r["valid_acc"]) if ok else None
+    test_loss = test_acc = float("nan")
+    if status == "completed":
+        test_loss, test_acc, f, logits = evaluate(net, splits["test"], cfg.batch_size, dtype, channels_last)
+        features.write(out / "features.h5", features.FeatureDump(
+            features=f, logits=logits, labels=splits["test"].labels.cpu().numpy(),
+            predictions=logits.argmax(1), history={k: np.asarray([r[k] for r in history]) for k in HISTORY_COLUMNS},
+            config=cfg.to_dict(), classes=prep.classes, versions=versions(), git_commit=_git_commit(),
+        ))
+    result = TrialResult(
+        trial_id=cfg.trial_id, status=status, epochs_completed=len(ok),
+        best_valid_acc=best["valid_acc"] if best else float("nan"), best_epoch=best["epoch"] if best else 0,
+        test_loss=test_loss, test_acc=test_acc, wall_s=time.perf_counter() - t_start,
+    )
+    checkpoint.atomic_write_text(out / "result.json", json.dumps(asdict(result), indent=2))
+    return result
