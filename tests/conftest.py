@@ -18,8 +18,25 @@ from PIL import Image
 CLASSES = [f"c{i}" for i in range(10)]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
-# Keep every test on loopback and off the network (Ray, when it starts, reads these too).
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Keep every test on loopback: no usage stats, and Ray's start-up cloud-metadata probe goes to
+# a closed loopback port. Subprocesses (the CLI, Ray's workers) inherit these.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["http_proxy"] = os.environ["https_proxy"] = "http://127.0.0.1:9"
+os.environ["no_proxy"] = os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+
+
+def ray_processes() -> list[str]:
+    """Command lines of Ray daemons and workers running on this machine."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(k in cmd for k in ("raylet", "gcs_server", "ray::", "default_worker.py")):
+                out.append(cmd)
+    return out
 
 
 def make_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

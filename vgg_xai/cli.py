@@ -40,7 +40,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vgg-xai",
-        description="Train and interpret a grid of VGG11-CIFAR variants: data preparation, single trials.",
+        description="Train and interpret a grid of VGG11-CIFAR variants: data, single trials, Ray Tune sweeps.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (CUDA)")
     train.add_argument("--out", type=Path, required=True, help="the trial's output folder")
     train.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if it exists")
+
+    sweep = sub.add_parser(
+        "sweep", help="run a job spec's grid of trials on Ray Tune",
+        description="Expand a job spec (jobs/*.yaml) into trials and run them on Ray: in this process "
+                    "by default, or on a running cluster with --address. Running the same command "
+                    "again continues an interrupted sweep; finished trials are not rerun.")
+    sweep.add_argument("spec", type=Path, help="the job spec, e.g. jobs/smoke.yaml")
+    sweep.add_argument("--data", help="a CIFAR-10 source or prepared cache (overrides the spec's data.source)")
+    sweep.add_argument("--address", help="join a running Ray cluster ('auto' or HOST:PORT) instead of starting one")
+    sweep.add_argument("--results", type=Path, help="the results root (overrides the spec's results)")
+    sweep.add_argument("--dry-run", action="store_true", help="print the expanded trials and resources; run nothing")
+    sweep.add_argument("--force-new", action="store_true",
+                       help="start over when the spec changed (the earlier folder is moved aside, not deleted)")
     return parser
 
 
@@ -118,12 +131,30 @@ def _print_epoch(m: dict, _ckpt: Path) -> None:
           flush=True)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from . import sweep
+    from .config import JobSpec
+
+    spec = JobSpec.from_yaml(args.spec)
+    if args.results is not None:
+        spec = dataclasses.replace(spec, results=str(args.results))
+    if args.dry_run:
+        print(sweep.describe(sweep.plan(spec, data=args.data, prepare_data=False, address=args.address)))
+        return 0
+    plan = sweep.plan(spec, data=args.data, force_new=args.force_new, address=args.address)
+    outcome = sweep.run(plan, address=args.address)
+    return 130 if outcome.unfinished else (1 if outcome.failed else 0)
+
+
+COMMANDS = {"data": _cmd_prepare, "train": _cmd_train, "sweep": _cmd_sweep}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "data":
-            return _cmd_prepare(args)
-        return _cmd_train(args)
+        return COMMANDS[args.command](args)
     except UserError as e:
         print(f"vgg-xai: error: {e}", file=sys.stderr)
         return 2

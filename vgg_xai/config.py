@@ -175,3 +175,130 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise UserError(f"{p}: expected a mapping of keys to values at the top level")
     return d
+
+
+# ---------------------------------------------------------------------------- job specs
+
+# Which trial fields each section of a job spec may set. Any of them may be a list: lists
+# are crossed into the grid.
+SECTIONS = {
+    "model": ("arch", "width", "head", "init", "dropout_p"),
+    "grid": tuple(f.name for f in fields(TrialConfig) if f.name != "data"),
+    "training": ("epochs", "batch_size", "precision", "compile", "device", "l2_coef", "alternate_period"),
+}
+DATA_KEYS = ("source", "cache", "split_seed", "train_size", "valid_size", "test_size", "subset_seed")
+RESOURCE_KEYS = ("cpu", "gpu")
+TOP_KEYS = ("name", "data", "model", "grid", "training", "variants", "resources", "retries", "results")
+ID_AXES = ("variant", "lr_schedule", "seed")  # always part of a trial id
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A sweep: fixed trial settings, crossed axes, resources per trial, retries, results root."""
+
+    name: str
+    data: dict[str, Any]
+    fixed: dict[str, Any]
+    axes: dict[str, list[Any]]
+    variants: dict[str, dict[str, bool]]
+    cpu: float = 1.0
+    gpu: float = 0.0
+    retries: int = 2
+    results: str = "results"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "JobSpec":
+        return cls.from_dict(load_yaml(path), where=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "spec") -> "JobSpec":
+        _known(where, d, TOP_KEYS)
+        name = d.get("name")
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise UserError(f"{where}: name: a sweep needs a name (a folder name under results), got {name!r}")
+        data = dict(d.get("data") or {})
+        _known(f"{where}: data", data, DATA_KEYS)
+        data.setdefault("source", None)
+        data.setdefault("cache", None)
+        data.setdefault("split_seed", 0)
+        settings: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        for section, allowed in SECTIONS.items():
+            part = d.get(section) or {}
+            if not isinstance(part, dict):
+                raise UserError(f"{where}: {section}: expected a mapping of keys to values")
+            _known(f"{where}: {section}", part, allowed)
+            for k in part:
+                if k in origin:
+                    raise UserError(f"{where}: {k} is set in both {origin[k]} and {section}; set it once")
+                origin[k] = section
+            settings.update(part)
+        for k in ("train_size", "valid_size", "test_size", "subset_seed"):
+            if k in data:
+                settings[k] = data[k]
+        variants = d.get("variants") or {}
+        for vname, switches in variants.items():
+            if not isinstance(switches, dict):
+                raise UserError(f"{where}: variants.{vname}: expected a mapping of {', '.join(SWITCHES)}")
+            _known(f"{where}: variants.{vname}", switches, SWITCHES)
+            missing = [s for s in SWITCHES if s not in switches]
+            if missing:
+                raise UserError(f"{where}: variants.{vname}: set all four switches (missing {', '.join(missing)})")
+        res = d.get("resources") or {}
+        _known(f"{where}: resources", res, RESOURCE_KEYS)
+        cpu, gpu = res.get("cpu", 1), res.get("gpu", 0)
+        for key, v in (("cpu", cpu), ("gpu", gpu)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise UserError(f"{where}: resources.{key}: expected a number >= 0, got {v!r}")
+        if gpu > 1 and gpu != int(gpu):
+            raise UserError(f"{where}: resources.gpu: a fraction must be below 1 (0.25 packs four trials a GPU), got {gpu}")
+        if cpu <= 0:
+            raise UserError(f"{where}: resources.cpu: a trial needs some CPU, got {cpu}")
+        retries = d.get("retries", 2)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise UserError(f"{where}: retries: expected a whole number >= 0, got {retries!r}")
+        axes = {k: list(v) for k, v in settings.items() if isinstance(v, list)}
+        for k, v in axes.items():
+            if not v:
+                raise UserError(f"{where}: {k}: an empty list gives no trials")
+        fixed = {k: v for k, v in settings.items() if not isinstance(v, list)}
+        spec = cls(name=name, data=data, fixed=fixed, axes=axes, variants=dict(variants), cpu=float(cpu),
+                   gpu=float(gpu), retries=retries, results=str(d.get("results", "results")))
+        spec.trials("/dev/null", where=where)  # every trial must be a valid TrialConfig
+        return spec
+
+    def trials(self, data_path: str, where: str = "spec") -> list[tuple[str, TrialConfig]]:
+        """(trial_id, config) of every point of the grid, in a stable order."""
+        import itertools
+
+        keys = list(self.axes)
+        shown = [k for k in keys if k not in ID_AXES and len(self.axes[k]) > 1]
+        out = []
+        for combo in itertools.product(*(self.axes[k] for k in keys)):
+            d = {**self.fixed, **dict(zip(keys, combo)), "data": data_path}
+            d.update(self.variants.get(d.get("variant", "bn"), {}))
+            try:
+                cfg = TrialConfig.from_dict(d, where="trial")
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
+            tid = cfg.trial_id + "".join(f"-{k}{d[k]}" for k in shown)
+            out.append((tid, cfg))
+        ids = [t for t, _ in out]
+        dup = sorted({t for t in ids if ids.count(t) > 1})
+        if dup:
+            raise UserError(f"{where}: the grid repeats trials ({', '.join(dup[:3])}); remove duplicate list values")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as YAML-able data (saved as spec.yaml with the results)."""
+        return {"name": self.name, "data": dict(self.data), "fixed": dict(self.fixed),
+                "axes": {k: list(v) for k, v in self.axes.items()}, "variants": dict(self.variants),
+                "resources": {"cpu": self.cpu, "gpu": self.gpu}, "retries": self.retries}
+
+
+def _known(where: str, d: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected a mapping of keys to values")
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")

@@ -13,6 +13,8 @@ import csv
 import io
 import json
 import math
+import os
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -190,6 +192,7 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(out / "config.json", cfg.to_json())
     device = resolve_device(cfg.device)
     dtype, channels_last = resolve_precision(cfg.precision, device)
     splits, prep = load_splits(cfg.data, device, train_size=cfg.train_size, valid_size=cfg.valid_size,
@@ -217,7 +220,9 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     else:
         checkpoint.save({"model": net.state_dict(), "config": cfg.to_dict(), "epoch": -1}, out / "checkpoint_init.pt")
-    checkpoint.atomic_write_text(out / "config.json", cfg.to_json())
+    with open(out / "attempts.jsonl", "a") as f:  # who ran this trial, from which epoch
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start_epoch": start,
+                            "time": time.time()}) + "\n")
 
     model = torch.compile(net) if cfg.compile and device.type == "cuda" else net
     augment = make_augment().to(device) if cfg.augment else None
