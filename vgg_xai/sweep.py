@@ -276,7 +276,8 @@ def _fit(p: Plan, pending: list[tuple[str, TrialConfig]], address: str | None, s
         tuner = tune.Tuner(
             tune.with_resources(_trainable, {"cpu": p.spec.cpu, "gpu": p.spec.gpu}),
             param_space={"trial": tune.grid_search(space)},
-            tune_config=tune.TuneConfig(trial_name_creator=name_of, trial_dirname_creator=name_of),
+            tune_config=tune.TuneConfig(trial_name_creator=name_of, trial_dirname_creator=name_of,
+                                        reuse_actors=True),  # no new worker (and torch import) per trial
             run_config=tune.RunConfig(
                 name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(p.sweep_dir / "ray"),
                 failure_config=tune.FailureConfig(max_failures=p.spec.retries), verbose=0,
