@@ -1,7 +1,7 @@
 """The network family as data plus one builder (in the manner of torchvision's vgg.py).
 
 ``vgg11_cifar``: VGG11's eight 3x3 convs with two max-pools instead of five, so 32x32 inputs
-keep spatial extent (8x8 at the last conv) for feature maps and CAMs. ``simple_cnn``: the
+keep spatial extent (16x16 at the last conv, 8x8 after the last pool) for feature maps and CAMs. ``simple_cnn``: the
 small convnet of the seed's preliminary study. Both take the same switches and width.
 
 Builders never pick device or precision; the trainer does.

@@ -39,6 +39,13 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"trial_id": d.name, "variant": cfg["variant"], "lr_schedule": cfg["lr_schedule"],
                                "seed": cfg["seed"], "status": trial_status(d), "epochs": 0,
                                "best_valid_acc": math.nan, "best_epoch": 0, "test_acc": math.nan, "wall_s": math.nan}
+        history = d / "history.csv"
+        if history.is_file():  # a running trial: the epochs it has done so far
+            done = list(csv.DictReader(history.open()))
+            row["epochs"] = sum(1 for h in done if h["status"] == "ok")
+            valid = [float(h["valid_acc"]) for h in done if h["status"] == "ok"]
+            if valid:
+                row.update(best_valid_acc=max(valid), best_epoch=valid.index(max(valid)) + 1)
         if (d / "result.json").is_file():
             r = json.loads((d / "result.json").read_text())
             row.update(epochs=r["epochs_completed"], best_valid_acc=r["best_valid_acc"], best_epoch=r["best_epoch"],

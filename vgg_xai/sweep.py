@@ -12,6 +12,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 FINISHED = ("completed", "diverged")
+_ONE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass
@@ -61,16 +65,16 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def plan(spec: JobSpec, *, data: str | Path | None = None, force_new: bool = False,
-         prepare_data: bool = True, address: str | None = None) -> Plan:
+         prepare_data: bool = True, check_local: bool = True) -> Plan:
     """Resolve data and folders, check the spec against an earlier run of the same sweep.
 
     Nothing is trained here. With ``prepare_data`` the driver prepares the data cache once, so
-    that trials read it by absolute path. Without an ``address`` the resources a trial asks
-    for are checked against this machine (with one, against the cluster once joined).
+    that trials read it by absolute path. With ``check_local`` the resources a trial asks for
+    are checked against this machine (else against the Ray cluster, once joined).
     """
     from .data import DEFAULT_CACHE, prepare
 
-    if not address:
+    if check_local:
         import torch
 
         check_resources(spec, os.cpu_count() or 1, torch.cuda.device_count(), "this machine")
@@ -130,6 +134,9 @@ def _trainable(config: dict[str, Any]) -> None:
     from .train import run_trial
 
     torch.set_num_threads(max(1, int(config["cpus"])))
+    import ray
+
+    os.environ["VGG_XAI_NODE"] = ray.util.get_node_ip_address()  # recorded in attempts.jsonl
     out = Path(config["trial_dir"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "error.txt").unlink(missing_ok=True)
@@ -138,8 +145,12 @@ def _trainable(config: dict[str, Any]) -> None:
     tune.report({"done_status": result.status, "test_acc": result.test_acc, "epoch": result.epochs_completed})
 
 
-def ray_init(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
-    """Start or join Ray on loopback; returns whether this process started it."""
+def ray_init(address: str | None = None, num_cpus: float | None = None, num_gpus: float | None = None) -> bool:
+    """Start Ray in this process on 127.0.0.1, or join ``address``; True when this call started it."""
+    if not address:
+        # A one-node Ray on loopback: Ray maps 127.0.0.1 to the machine's outward address unless
+        # multi-node support is off (Ray's own setting on macOS and Windows). Read at import.
+        os.environ.setdefault(_ONE_NODE, "0")
     import ray
 
     if ray.is_initialized():
@@ -147,9 +158,78 @@ def ray_init(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if address:
         ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
         return True
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
     return True
+
+
+@dataclass
+class RayNode:
+    """A Ray node started with `ray start --block` by this process (head or worker)."""
+
+    proc: subprocess.Popen
+    address: str  # the GCS address of the cluster
+    log: Path
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # ray start --block stops its own processes
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def _ray_start(args: list[str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != _ONE_NODE}  # these nodes form a multi-node cluster
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
+                                 "--disable-usage-stats", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+
+def start_head(ip: str, cpus: float, gpus: float, log: Path, temp_dir: str | None = None) -> RayNode:
+    """A Ray head on ``ip`` with explicit resources and free ports (no clash with other jobs)."""
+    port = free_port(ip)
+    args = ["--head", f"--node-ip-address={ip}", f"--port={port}", f"--num-cpus={cpus:g}", f"--num-gpus={gpus:g}",
+            "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port(ip)}"]
+    if temp_dir:
+        args.append(f"--temp-dir={temp_dir}")
+    return RayNode(_ray_start(args, log), f"{ip}:{port}", log)
+
+
+def start_worker(address: str, ip: str, cpus: float, gpus: float, log: Path) -> RayNode:
+    """A Ray worker node on ``ip`` joining the head at ``address``."""
+    args = [f"--address={address}", f"--node-ip-address={ip}", f"--num-cpus={cpus:g}", f"--num-gpus={gpus:g}",
+            f"--dashboard-agent-listen-port={free_port(ip)}"]
+    return RayNode(_ray_start(args, log), address, log)
+
+
+def wait_for_nodes(address: str, n: int, node_ip: str, timeout: float = 120) -> None:
+    """Connect this process as the driver and wait until ``n`` nodes are alive."""
+    import ray
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if not ray.is_initialized():
+                ray.init(address=address, _node_ip_address=node_ip, include_dashboard=False,
+                         configure_logging=False, log_to_driver=False)
+            if sum(1 for node in ray.nodes() if node["Alive"]) >= n:
+                return
+        except (ConnectionError, RuntimeError):
+            pass
+        if time.monotonic() > end:
+            raise RuntimeError(f"Ray at {address}: fewer than {n} nodes joined within {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 class LiveTable:
@@ -239,7 +319,8 @@ class Outcome:
 
 def run(p: Plan, *, address: str | None = None, stream=None) -> Outcome:
     """Run the plan's unfinished trials on Ray, then write and print the tables."""
-    from .results import format_pivot, write_tables
+    from .postprocess import postprocess
+    from .results import format_pivot
 
     stream = stream or sys.stdout
     pending = p.pending()
@@ -248,7 +329,7 @@ def run(p: Plan, *, address: str | None = None, stream=None) -> Outcome:
           file=stream, flush=True)
     if pending:
         _fit(p, pending, address, stream)
-    pv = write_tables(p.sweep_dir)
+    pv = postprocess(p.sweep_dir)
     failed = [t for t, _ in p.trials if (p.trial_dir(t) / "error.txt").is_file()]
     unfinished = [t for t, _ in p.pending() if t not in failed]
     print(f"\n{format_pivot(pv)}\n\ntables: {p.sweep_dir / 'tables'}", file=stream, flush=True)
@@ -262,10 +343,10 @@ def run(p: Plan, *, address: str | None = None, stream=None) -> Outcome:
 
 
 def _fit(p: Plan, pending: list[tuple[str, TrialConfig]], address: str | None, stream) -> None:
+    started = ray_init(address)  # first: it sets what Ray reads at import
     import ray
     from ray import tune
 
-    started = ray_init(address)
     try:
         res = ray.cluster_resources()
         check_resources(p.spec, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
