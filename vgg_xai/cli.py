@@ -40,7 +40,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vgg-xai",
-        description="Train and interpret a grid of VGG11-CIFAR variants: data, single trials, Ray Tune sweeps.",
+        description="Train and interpret a grid of VGG11-CIFAR variants: data, single trials, Ray Tune sweeps, SLURM.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -84,7 +84,75 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="print the expanded trials and resources; run nothing")
     sweep.add_argument("--force-new", action="store_true",
                        help="start over when the spec changed (the earlier folder is moved aside, not deleted)")
+
+    submit = sub.add_parser(
+        "submit", help="submit a sweep to SLURM (and its post-processing job after it)",
+        description="Submit a job spec to SLURM with submitit: one sweep job running Ray inside the "
+                    "allocation (--mode ray) or one array task per trial (--mode array), then the "
+                    "post-processing job with an afterok dependency. Prints the job ids and the results folder.")
+    submit.add_argument("spec", type=Path, help="the job spec, e.g. jobs/seed.yaml")
+    submit.add_argument("--cluster", type=Path, required=True, help="the cluster profile, e.g. cluster/example-gpu.yaml")
+    submit.add_argument("--data", help="a CIFAR-10 source or prepared cache (overrides the spec's data.source)")
+    submit.add_argument("--results", type=Path, help="the results root (overrides the spec's results)")
+    submit.add_argument("--mode", choices=("ray", "array"), default="ray",
+                        help="ray: one job, Ray schedules the trials (default); array: one SLURM array task a trial")
+    submit.add_argument("--max-concurrent", type=int, help="array mode: at most this many tasks at once")
+    submit.add_argument("--force-new", action="store_true", help="start over when the spec changed")
+
+    st = sub.add_parser("status", help="SLURM states and per-trial progress of a submitted sweep")
+    st.add_argument("sweep_dir", type=Path, help="the sweep's results folder, e.g. results/seed")
+    cancel = sub.add_parser("cancel", help="cancel a submitted sweep's SLURM jobs")
+    cancel.add_argument("sweep_dir", type=Path, help="the sweep's results folder, e.g. results/seed")
+
+    post = sub.add_parser("postprocess", help="aggregate a sweep folder's tables (idempotent)")
+    post.add_argument("sweep_dir", type=Path, help="the sweep's results folder, e.g. results/seed")
     return parser
+
+
+def _load_spec(args: argparse.Namespace):
+    import dataclasses
+
+    from .config import JobSpec
+
+    spec = JobSpec.from_yaml(args.spec)
+    if args.results is not None:
+        spec = dataclasses.replace(spec, results=str(args.results))
+    return spec
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .config import ClusterProfile
+    from .slurm import submit
+
+    out = submit(_load_spec(args), ClusterProfile.from_yaml(args.cluster), data=args.data, mode=args.mode,
+                 max_concurrent=args.max_concurrent, force_new=args.force_new)
+    for j in out["jobs"]:
+        print(f"{j['role']:<12} {j['job_id']}" + (f"  {j['trial_id']}" if "trial_id" in j else ""))
+    print(f"results: {out['sweep_dir']}")
+    print(f"follow:  vgg-xai status {out['sweep_dir']}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .slurm import status
+
+    print(status(args.sweep_dir))
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from .slurm import cancel
+
+    print("cancelled: " + " ".join(cancel(args.sweep_dir)))
+    return 0
+
+
+def _cmd_postprocess(args: argparse.Namespace) -> int:
+    from .postprocess import postprocess
+    from .results import format_pivot
+
+    print(format_pivot(postprocess(args.sweep_dir)))
+    return 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -132,23 +200,19 @@ def _print_epoch(m: dict, _ckpt: Path) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from . import sweep
-    from .config import JobSpec
 
-    spec = JobSpec.from_yaml(args.spec)
-    if args.results is not None:
-        spec = dataclasses.replace(spec, results=str(args.results))
+    spec = _load_spec(args)
     if args.dry_run:
-        print(sweep.describe(sweep.plan(spec, data=args.data, prepare_data=False, address=args.address)))
+        print(sweep.describe(sweep.plan(spec, data=args.data, prepare_data=False, check_local=not args.address)))
         return 0
-    plan = sweep.plan(spec, data=args.data, force_new=args.force_new, address=args.address)
+    plan = sweep.plan(spec, data=args.data, force_new=args.force_new, check_local=not args.address)
     outcome = sweep.run(plan, address=args.address)
     return 130 if outcome.unfinished else (1 if outcome.failed else 0)
 
 
-COMMANDS = {"data": _cmd_prepare, "train": _cmd_train, "sweep": _cmd_sweep}
+COMMANDS = {"data": _cmd_prepare, "train": _cmd_train, "sweep": _cmd_sweep, "submit": _cmd_submit,
+            "status": _cmd_status, "cancel": _cmd_cancel, "postprocess": _cmd_postprocess}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

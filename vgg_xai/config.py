@@ -302,3 +302,59 @@ def _known(where: str, d: dict[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(d) - set(allowed))
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------------------- cluster profiles
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    """Where SLURM jobs run: sbatch settings as data (cluster/*.yaml)."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1  # nodes of the sweep job (one Ray node each)
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2  # one task per node: all of a node's CPUs for its Ray node
+    mem_gb: float | None = None
+    time_min: int = 60  # time limit of each job
+    signal_delay_s: int = 120  # warning before the limit: stop Ray, requeue, resume
+    constraint: str | None = None
+    extra_sbatch: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. {"exclusive": ""}
+    setup: list[str] = dataclasses.field(default_factory=list)  # e.g. ["module load cuda", "source venv/bin/activate"]
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ClusterProfile":
+        return cls.from_dict(load_yaml(path), where=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "cluster profile") -> "ClusterProfile":
+        _known(where, d, tuple(f.name for f in fields(cls)))
+        for f in fields(cls):
+            if f.name in d:
+                kind = str(f.type)
+                v = d[f.name]
+                if kind.startswith("dict"):
+                    if not isinstance(v, dict):
+                        raise UserError(f"{where}: {f.name}: expected a mapping")
+                    d = {**d, f.name: {str(k): "" if x is None else str(x) for k, x in v.items()}}
+                elif kind.startswith("list"):
+                    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                        raise UserError(f"{where}: {f.name}: expected a list of shell lines")
+                else:
+                    try:
+                        _check_type(f.name, v, kind)
+                    except UserError as e:
+                        raise UserError(f"{where}: {e}") from None
+        p = cls(**d)
+        for key in ("nodes", "cpus_per_task", "time_min"):
+            if getattr(p, key) < 1:
+                raise UserError(f"{where}: {key}: must be >= 1, got {getattr(p, key)}")
+        if p.gpus_per_node < 0:
+            raise UserError(f"{where}: gpus_per_node: must be >= 0, got {p.gpus_per_node}")
+        if p.time_min * 60 <= p.signal_delay_s + 60:
+            raise UserError(f"{where}: time_min: {p.time_min} min leaves no time to work and checkpoint before the "
+                            f"{p.signal_delay_s} s warning (signal_delay_s); give at least "
+                            f"{(p.signal_delay_s + 60) // 60 + 1} min")
+        return p

@@ -1,0 +1,234 @@
+"""SLURM dispatch against a real single-node SLURM (cluster/local-slurm), and multi-node Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ray_processes
+from vgg_xai.results import collect_rows
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_SLURM = REPO / "cluster" / "local-slurm" / "local-slurm"
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
+
+
+def _sinfo_ok() -> bool:
+    return shutil.which("sinfo") is not None and subprocess.run(
+        ["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running SLURM: the one SLURM_CONF names (CI starts it), else the local one started here."""
+    if os.environ.get("SLURM_CONF") and _sinfo_ok():
+        yield
+        return
+    if shutil.which("slurmctld") is None:
+        pytest.skip("SLURM is not installed here: run cluster/local-slurm/local-slurm install")
+    r = subprocess.run([str(LOCAL_SLURM), "start", "--gpus", "2"], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        pytest.skip(f"the local SLURM could not start: {r.stderr.strip().splitlines()[-1:]}")
+    os.environ["SLURM_CONF"] = r.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    yield
+    subprocess.run([str(LOCAL_SLURM), "stop"], capture_output=True, timeout=120)
+
+
+def _spec(tmp_path: Path, cache: Path, **over) -> Path:
+    d = {"name": "s", "data": {"source": str(cache)}, "model": {"width": 0.125},
+         "grid": {"variant": ["plain", "bn"], "lr_schedule": ["const_1e-3"]},
+         "training": {"epochs": 1, "batch_size": 64, "precision": "fp32"},
+         "resources": {"cpu": 1}, "retries": 1, "results": str(tmp_path / "results")}
+    for k, v in over.items():
+        d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+        if isinstance(d[k], dict):
+            d[k] = {kk: vv for kk, vv in d[k].items() if vv is not None}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _profile(tmp_path: Path, **over) -> Path:
+    d = {"partition": "debug", "nodes": 1, "cpus_per_task": 2, "mem_gb": 2, "time_min": 30, "signal_delay_s": 60}
+    d.update(over)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vgg_xai.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _submit(*args: str) -> dict[str, str]:
+    r = _cli("submit", *args)
+    assert r.returncode == 0, r.stderr
+    return {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()
+            if line.split()[0] in ("sweep", "postprocess", "trial")}
+
+
+def _states(ids: list[str]) -> dict[str, str]:
+    from vgg_xai.slurm import job_states
+
+    return {k: v["state"] for k, v in job_states(ids).items()}
+
+
+def _wait_states(ids: list[str], timeout: float = 600) -> dict[str, str]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = _states(ids)
+        if len(s) == len(ids) and all(v in FINAL for v in s.values()):
+            return s
+        time.sleep(1)
+    raise AssertionError(f"jobs {ids} did not end: {_states(ids)}")
+
+
+def _attempts(trial_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (trial_dir / "attempts.jsonl").read_text().splitlines()]
+
+
+def test_sweep_job_then_postprocess_job(slurm, tmp_path, tiny_cache):
+    t0 = time.monotonic()
+    jobs = _submit(str(_spec(tmp_path, tiny_cache)), "--cluster", str(_profile(tmp_path)))
+    states = _wait_states([jobs["sweep"], jobs["postprocess"]])
+    print(f"\nsubmit to done (sweep + post-processing, 2 trials x 1 epoch): {time.monotonic() - t0:.1f} s")
+    assert states == {jobs["sweep"]: "COMPLETED", jobs["postprocess"]: "COMPLETED"}
+    times = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,Start,End", "-j",
+                            f"{jobs['sweep']},{jobs['postprocess']}"], capture_output=True, text=True).stdout
+    when = {line.split("|")[0]: line.split("|")[1:] for line in times.splitlines()}
+    assert when[jobs["postprocess"]][0] >= when[jobs["sweep"]][1]  # afterok: it started when the sweep ended
+    sweep = tmp_path / "results" / "s"
+    rows = collect_rows(sweep)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert (sweep / "tables" / "accuracy.csv").is_file()
+    for r in rows:
+        assert _attempts(sweep / "trials" / r["trial_id"])[0]["slurm_job_id"] == jobs["sweep"]
+    out = _cli("status", str(sweep)).stdout
+    assert f"{jobs['sweep']:<14} sweep        COMPLETED" in out and "plain-lr1e-3-s0" in out
+
+
+def test_requeued_sweep_resumes_without_retraining(slurm, tmp_path, tiny_cache):
+    spec = _spec(tmp_path, tiny_cache, grid={"epochs": [1, 25]}, training={"epochs": None})
+    jobs = _submit(str(spec), "--cluster", str(_profile(tmp_path)))
+    trials = tmp_path / "results" / "s" / "trials"
+    end = time.monotonic() + 300
+    while not (len(list(trials.glob("*epochs1/result.json"))) == 2 and len(list(trials.glob("*epochs25/checkpoint.pt"))) == 2):
+        assert time.monotonic() < end, _states([jobs["sweep"]])
+        time.sleep(0.5)
+    short = sorted(trials.glob("*epochs1"))
+    stamp = {d: (d / "result.json").stat().st_mtime_ns for d in short}
+    t0 = time.monotonic()
+    subprocess.run(["scontrol", "requeue", jobs["sweep"]], check=True, capture_output=True)
+    long_dirs = sorted(trials.glob("*epochs25"))
+    end = time.monotonic() + 300
+    while not all(len(_attempts(d)) >= 2 for d in long_dirs):
+        assert time.monotonic() < end, "the requeued job did not resume"
+        time.sleep(0.5)
+    print(f"\nrequeue to resumed: {time.monotonic() - t0:.1f} s")
+    states = _wait_states([jobs["sweep"], jobs["postprocess"]])
+    assert set(states.values()) == {"COMPLETED"}
+    for d in short:
+        assert len(_attempts(d)) == 1 and (d / "result.json").stat().st_mtime_ns == stamp[d]
+    for d in long_dirs:
+        a = _attempts(d)
+        assert a[-1]["start_epoch"] >= 1  # from its checkpoint, not from scratch
+    assert all(r["status"] == "completed" for r in collect_rows(tmp_path / "results" / "s"))
+
+
+def test_a_job_that_raises_shows_its_error_in_status(slurm, tmp_path, tiny_cache):
+    data = tmp_path / "gone.h5"
+    shutil.copy(tiny_cache, data)
+    # the job starts 10 s after submission; the data it was told to use is gone by then
+    jobs = _submit(str(_spec(tmp_path, data)), "--cluster", str(_profile(tmp_path, extra_sbatch={"begin": "now+10"})))
+    data.unlink()
+    states = _wait_states([jobs["sweep"]])
+    assert states[jobs["sweep"]] == "FAILED"
+    r = _cli("status", str(tmp_path / "results" / "s"))
+    assert r.returncode == 0
+    assert "FAILED" in r.stdout and "gone.h5: no such file or folder" in r.stdout
+
+
+def test_array_mode(slurm, tmp_path, tiny_cache):
+    jobs_out = _cli("submit", str(_spec(tmp_path, tiny_cache)), "--cluster", str(_profile(tmp_path)),
+                    "--mode", "array", "--max-concurrent", "1")
+    assert jobs_out.returncode == 0, jobs_out.stderr
+    ids = [line.split()[1] for line in jobs_out.stdout.splitlines() if line.split()[0] in ("trial", "postprocess")]
+    assert len(ids) == 3 and ids[0].endswith("_0") and ids[1].endswith("_1")
+    states = _wait_states(ids)
+    assert set(states.values()) == {"COMPLETED"}
+    sweep = tmp_path / "results" / "s"
+    rows = collect_rows(sweep)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    task_ids = {_attempts(sweep / "trials" / r["trial_id"])[0]["slurm_job_id"] for r in rows}
+    assert len(task_ids) == 2  # one SLURM task a trial
+    assert (sweep / "tables" / "accuracy.json").is_file()
+
+
+def test_cancel_leaves_no_process(slurm, tmp_path, tiny_cache):
+    jobs = _submit(str(_spec(tmp_path, tiny_cache, training={"epochs": 200})), "--cluster", str(_profile(tmp_path)))
+    trials = tmp_path / "results" / "s" / "trials"
+    end = time.monotonic() + 300
+    while not list(trials.glob("*/checkpoint.pt")):
+        assert time.monotonic() < end
+        time.sleep(0.5)
+    r = _cli("cancel", str(tmp_path / "results" / "s"))
+    assert r.returncode == 0 and jobs["sweep"] in r.stdout
+    states = _wait_states([jobs["sweep"]])
+    assert states[jobs["sweep"]].startswith("CANCELLED")
+    end = time.monotonic() + 60
+    while ray_processes() or _job_processes(tmp_path):
+        assert time.monotonic() < end, (ray_processes(), _job_processes(tmp_path))
+        time.sleep(1)
+
+
+def _job_processes(tmp_path: Path) -> list[str]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "submitit" in cmd and str(tmp_path) in cmd:
+                out.append(cmd)
+    return out
+
+
+def test_fake_gpu_trial_gets_cuda_visible_devices(slurm, tmp_path, tiny_cache):
+    gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
+    if "gpu" not in gres:
+        pytest.skip("this SLURM has no GPUs (start cluster/local-slurm/local-slurm with --gpus 2)")
+    spec = _spec(tmp_path, tiny_cache, grid={"variant": ["bn"]}, resources={"cpu": 1, "gpu": 1},
+                 training={"device": "cpu"})
+    jobs = _submit(str(spec), "--cluster", str(_profile(tmp_path, gpus_per_node=1)))
+    assert _wait_states([jobs["sweep"]])[jobs["sweep"]] == "COMPLETED"
+    a = _attempts(tmp_path / "results" / "s" / "trials" / "bn-lr1e-3-s0")[0]
+    assert a["cuda_visible_devices"] not in (None, "")
+
+
+def test_bad_profiles_fail_before_submission(slurm, tmp_path, tiny_cache):
+    spec = str(_spec(tmp_path, tiny_cache))
+    cases = [({"partition": "nope"}, "partition: 'nope' does not exist on this cluster; partitions: debug"),
+             ({"gpus_per_node": 64}, "gpus_per_node: 64, but partition debug's nodes have"),
+             ({"time_min": 1}, "time_min: 1 min leaves no time to work and checkpoint")]
+    for over, message in cases:
+        r = _cli("submit", spec, "--cluster", str(_profile(tmp_path, **over)))
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "results" / "s" / "slurm" / "jobs.json").exists()
+
+
+def test_submit_without_sbatch_says_so(tmp_path, tiny_cache):
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    r = subprocess.run([sys.executable, "-m", "vgg_xai.cli", "submit", str(_spec(tmp_path, tiny_cache)), "--cluster",
+                        str(_profile(tmp_path))], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "sbatch not found on PATH" in r.stderr

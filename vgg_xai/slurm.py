@@ -1,0 +1,339 @@
+"""SLURM through submitit: the sweep job (Ray inside the allocation), the post-processing job,
+array mode, status and cancel. The only module that imports submitit.
+
+The sweep job runs one task per node. On one node it is the embedded sweep (`vgg-xai sweep`)
+with the allocation's CPUs and GPUs; on several, task 0 starts a Ray head and the driver and
+the other tasks join as Ray workers. The job is checkpointable: on SLURM's warning before the
+time limit (or a preemption) it stops Ray and requeues itself; the requeued job resumes the
+sweep from the trial folders, so finished trials are not run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from .checkpoint import atomic_write_text
+from .config import ClusterProfile, JobSpec, TrialConfig
+from .errors import UserError
+
+JOBS = "slurm/jobs.json"
+
+
+# ---------------------------------------------------------------------------- checks
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+    except FileNotFoundError:
+        raise UserError(f"{cmd[0]} not found on PATH: run this on a SLURM login node, or start the local "
+                        "test cluster (cluster/local-slurm/local-slurm start)") from None
+    except subprocess.CalledProcessError as e:
+        raise UserError(f"{' '.join(cmd)} failed: {(e.stderr or e.stdout).strip().splitlines()[-1:]}") from None
+
+
+def _minutes(limit: str) -> float:
+    """SLURM time limit text (D-HH:MM:SS, HH:MM:SS, MM:SS, infinite) in minutes."""
+    if limit in ("infinite", "UNLIMITED", "n/a", ""):
+        return float("inf")
+    days, _, rest = limit.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, s = parts
+    return (int(days or 0) * 24 + h) * 60 + m + s / 60
+
+
+def check_profile(profile: ClusterProfile, spec: JobSpec, mode: str) -> None:
+    """Errors before submission, from what sinfo can tell."""
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch not found on PATH: submit needs a SLURM login node, or the local test cluster "
+                        "(cluster/local-slurm/local-slurm start, then eval \"$(cluster/local-slurm/local-slurm env)\")")
+    partitions: dict[str, dict[str, Any]] = {}
+    default = None
+    for line in _run(["sinfo", "-h", "-o", "%P|%l|%G|%c"]).splitlines():
+        name, limit, gres, cpus = line.split("|")
+        if name.endswith("*"):
+            name = name[:-1]
+            default = name
+        gpus = sum(int(m) for m in re.findall(r"gpu(?::[^:(,]+)?:(\d+)", gres))
+        p = partitions.setdefault(name, {"limit": limit, "gpus": 0, "cpus": 0})
+        p["gpus"] = max(p["gpus"], gpus)
+        p["cpus"] = max(p["cpus"], int(cpus.rstrip("+")))
+    part = profile.partition or default
+    if part not in partitions:
+        raise UserError(f"partition: {part!r} does not exist on this cluster; partitions: {', '.join(partitions)}")
+    info = partitions[part]
+    if profile.time_min > _minutes(info["limit"]):
+        raise UserError(f"time_min: {profile.time_min} min is above partition {part}'s limit of {info['limit']}")
+    if profile.gpus_per_node > info["gpus"]:
+        raise UserError(f"gpus_per_node: {profile.gpus_per_node}, but partition {part}'s nodes have {info['gpus']} GPUs")
+    if profile.cpus_per_task > info["cpus"]:
+        raise UserError(f"cpus_per_task: {profile.cpus_per_task}, but partition {part}'s nodes have {info['cpus']} CPUs")
+    if mode == "ray":
+        if spec.cpu > profile.cpus_per_task:
+            raise UserError(f"resources.cpu: {spec.cpu:g} per trial, but the profile gives a node {profile.cpus_per_task}")
+        if spec.gpu > profile.gpus_per_node:
+            raise UserError(f"resources.gpu: {spec.gpu:g} per trial, but the profile gives a node "
+                            f"{profile.gpus_per_node} GPUs; set gpus_per_node in the cluster profile")
+    elif spec.gpu > info["gpus"]:
+        raise UserError(f"resources.gpu: {spec.gpu:g} per trial, but partition {part}'s nodes have {info['gpus']} GPUs")
+
+
+# ---------------------------------------------------------------------------- what the jobs run
+
+def _allocation() -> tuple[int, int]:
+    """CPUs and GPUs SLURM gave this task."""
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    gpus = len([d for d in visible.split(",") if d.strip()]) if visible else 0
+    return cpus, gpus
+
+
+@dataclass
+class SweepJob(submitit.helpers.Checkpointable):
+    """One sweep inside one allocation; requeued on SLURM's warning, resumed from trial folders."""
+
+    spec: JobSpec
+    data: str
+
+    def __call__(self) -> str:
+        from . import sweep
+
+        env = submitit.JobEnvironment()
+        cpus, gpus = _allocation()
+        plan = sweep.plan(self.spec, data=self.data, check_local=False)
+        nodes = env.num_nodes
+        if nodes == 1:
+            started = sweep.ray_init(num_cpus=cpus, num_gpus=gpus)
+            try:
+                outcome = sweep.run(plan)
+            finally:
+                if started:
+                    import ray
+
+                    ray.shutdown()
+        else:
+            outcome = self._multi_node(sweep, plan, env, cpus, gpus)
+        if outcome is None:
+            return "worker"
+        if outcome.failed:
+            raise RuntimeError(f"trials failed after all retries: {', '.join(outcome.failed)}")
+        return str(plan.sweep_dir)
+
+    def _multi_node(self, sweep, plan, env, cpus: int, gpus: int):
+        """Ray head + driver on task 0, Ray workers on the others (a shared results folder)."""
+        rendezvous = plan.sweep_dir / "slurm" / f"ray-{env.job_id}.json"
+        done = rendezvous.with_suffix(".done")
+        token = plan.sweep_dir / "slurm" / "ray-token"
+        if not token.exists():
+            atomic_write_text(token, secrets.token_hex(32))
+            token.chmod(0o600)
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        ip = socket.gethostbyname(socket.gethostname())
+        logs = plan.sweep_dir / "slurm" / "ray-logs"
+        if env.global_rank == 0:
+            head = sweep.start_head(ip, cpus, gpus, logs / f"{env.job_id}-head.log",
+                                    temp_dir=f"/tmp/vgg-xai-ray-{env.job_id}")
+            atomic_write_text(rendezvous, json.dumps({"address": head.address}))
+            try:
+                sweep.wait_for_nodes(head.address, env.num_nodes, ip)
+                return sweep.run(plan, address=head.address)
+            finally:
+                atomic_write_text(done, "")
+                import ray
+
+                ray.shutdown()
+                head.stop()
+        while not rendezvous.exists():
+            time.sleep(1)
+        worker = sweep.start_worker(json.loads(rendezvous.read_text())["address"], ip, cpus, gpus,
+                                    logs / f"{env.job_id}-worker{env.global_rank}.log")
+        try:
+            while not done.exists() and worker.proc.poll() is None:
+                time.sleep(2)
+        finally:
+            worker.stop()
+        return None
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # Stop Ray cleanly so that no Ray process outlives this allocation; the requeued job
+        # resumes every unfinished trial from its last checkpoint.
+        try:
+            import ray
+
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - requeue must happen even if Ray is already half gone
+            pass
+        return submitit.helpers.DelayedSubmission(SweepJob(self.spec, self.data))
+
+
+@dataclass
+class TrialTask(submitit.helpers.Checkpointable):
+    """One trial as one array task (no Ray); resumes from its checkpoint after a requeue."""
+
+    trial_dir: str
+
+    def __call__(self, config: dict[str, Any]) -> str:
+        from .train import run_trial
+
+        result = run_trial(TrialConfig.from_dict(config), self.trial_dir, resume=True)
+        return result.status
+
+
+@dataclass
+class PostprocessJob:
+    sweep_dir: str
+
+    def __call__(self) -> str:
+        from .postprocess import postprocess
+
+        postprocess(self.sweep_dir)
+        return self.sweep_dir
+
+
+# ---------------------------------------------------------------------------- submit
+
+def _executor(folder: Path, profile: ClusterProfile, name: str, *, nodes: int, cpus: int, gpus: int,
+              dependency: str | None = None) -> submitit.AutoExecutor:
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    extra = dict(profile.extra_sbatch)
+    if dependency:
+        extra["dependency"] = dependency
+    setup = [f"export {k}={json.dumps(v)}" for k, v in profile.env.items()] + list(profile.setup)
+    params: dict[str, Any] = dict(
+        name=name, nodes=nodes, tasks_per_node=1, cpus_per_task=cpus, timeout_min=profile.time_min,
+        slurm_signal_delay_s=profile.signal_delay_s, slurm_additional_parameters=extra, slurm_setup=setup,
+    )
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if profile.mem_gb:
+        params["mem_gb"] = profile.mem_gb
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(profile, key):
+            params[f"slurm_{key}"] = getattr(profile, key)
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit(spec: JobSpec, profile: ClusterProfile, *, data: str | None = None, mode: str = "ray",
+           max_concurrent: int | None = None, force_new: bool = False) -> dict[str, Any]:
+    """Submit the sweep (or its array) and the post-processing job after it; returns what was submitted."""
+    from . import sweep
+
+    if mode not in ("ray", "array"):
+        raise UserError(f"--mode: {mode!r} is not one of ray, array")
+    check_profile(profile, spec, mode)
+    plan = sweep.plan(spec, data=data, force_new=force_new, check_local=False)
+    folder = plan.sweep_dir / "slurm"
+    name = f"vgg-xai-{spec.name}"
+    jobs = []
+    if mode == "ray":
+        ex = _executor(folder, profile, name, nodes=profile.nodes, cpus=profile.cpus_per_task,
+                       gpus=profile.gpus_per_node)
+        job = ex.submit(SweepJob(spec, str(plan.data)))
+        jobs.append({"role": "sweep", "job_id": job.job_id})
+        after = job.job_id
+    else:
+        pending = plan.pending()
+        if not pending:
+            raise UserError(f"{plan.sweep_dir}: every trial has finished; nothing to submit")
+        gpus = int(-(-spec.gpu // 1))  # a task gets whole GPUs
+        ex = _executor(folder, profile, name, nodes=1, cpus=max(1, int(-(-spec.cpu // 1))), gpus=gpus)
+        ex.update_parameters(slurm_array_parallelism=max_concurrent or len(pending))
+        with ex.batch():
+            array = [ex.submit(TrialTask(str(plan.trial_dir(t))), c.to_dict()) for t, c in pending]
+        jobs += [{"role": "trial", "job_id": j.job_id, "trial_id": t} for j, (t, _) in zip(array, pending)]
+        after = array[0].job_id.split("_")[0]
+    post = _executor(folder, profile, f"{name}-post", nodes=1, cpus=profile.cpus_per_task, gpus=0,
+                     dependency=f"afterok:{after}")
+    pjob = post.submit(PostprocessJob(str(plan.sweep_dir)))
+    jobs.append({"role": "postprocess", "job_id": pjob.job_id})
+    record = _read_jobs(plan.sweep_dir)
+    record.append({"submitted": time.time(), "mode": mode, "jobs": jobs})
+    atomic_write_text(plan.sweep_dir / JOBS, json.dumps(record, indent=2))
+    return {"sweep_dir": str(plan.sweep_dir), "mode": mode, "jobs": jobs}
+
+
+def _read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    path = Path(sweep_dir) / JOBS
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _latest_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    record = _read_jobs(Path(sweep_dir))
+    if not record:
+        raise UserError(f"{sweep_dir}: no SLURM jobs recorded (slurm/jobs.json); submit with `vgg-xai submit`")
+    return record[-1]["jobs"]
+
+
+# ---------------------------------------------------------------------------- status and cancel
+
+def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """sacct's view of jobs: state, elapsed, nodes; squeue's pending reason."""
+    out: dict[str, dict[str, str]] = {}
+    text = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Elapsed,NodeList", "-j", ",".join(job_ids)])
+    for line in text.splitlines():
+        jid, state, elapsed, nodes = line.split("|")
+        out[jid] = {"state": state.split()[0], "elapsed": elapsed, "nodes": nodes, "reason": ""}
+    queue = subprocess.run(["squeue", "-h", "-o", "%i|%r", "-j", ",".join(job_ids)], capture_output=True, text=True)
+    for line in queue.stdout.splitlines():
+        jid, reason = line.split("|", 1)
+        if jid in out and reason not in ("None", ""):
+            out[jid]["reason"] = reason
+    return out
+
+
+def status(sweep_dir: str | Path, tail: int = 15) -> str:
+    """Per job (id, state, elapsed, nodes, pending reason; a failed job's stderr tail) and per trial."""
+    from .results import collect_rows
+
+    sweep_dir = Path(sweep_dir)
+    jobs = _latest_jobs(sweep_dir)
+    states = job_states([j["job_id"] for j in jobs])
+    lines = [f"{'job':<14} {'role':<12} {'state':<11} {'elapsed':<10} {'nodes':<12} reason"]
+    for j in jobs:
+        s = states.get(j["job_id"], {"state": "UNKNOWN", "elapsed": "", "nodes": "", "reason": ""})
+        role = j["role"] + (f" {j['trial_id']}" if "trial_id" in j else "")
+        lines.append(f"{j['job_id']:<14} {role:<12} {s['state']:<11} {s['elapsed']:<10} {s['nodes']:<12} {s['reason']}")
+        if s["state"] in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
+            err = _stderr(sweep_dir, j["job_id"])
+            if err:
+                lines.append(f"  stderr of {j['job_id']} (last {tail} lines):")
+                lines += ["    " + x for x in err.splitlines()[-tail:]]
+    rows = collect_rows(sweep_dir)
+    if rows:
+        lines.append("")
+        lines.append(f"{'trial':<36} {'status':<10} {'epoch':>5}  best valid")
+        for r in rows:
+            best = "" if r["best_valid_acc"] != r["best_valid_acc"] else f"{r['best_valid_acc']:.4f}"
+            lines.append(f"{r['trial_id']:<36} {r['status']:<10} {r['epochs']:>5}  {best}")
+    return "\n".join(lines)
+
+
+def _stderr(sweep_dir: Path, job_id: str) -> str:
+    base = job_id.split("_")[0]
+    for path in sorted((sweep_dir / "slurm").glob(f"{base}*/{job_id}_*_log.err")):
+        return path.read_text(errors="replace")
+    return ""
+
+
+def cancel(sweep_dir: str | Path) -> list[str]:
+    """Cancel the sweep's latest jobs (scancel through submitit); returns their ids."""
+    sweep_dir = Path(sweep_dir)
+    ids = [j["job_id"] for j in _latest_jobs(sweep_dir)]
+    for jid in ids:
+        submitit.SlurmJob(folder=sweep_dir / "slurm" / jid.split("_")[0], job_id=jid).cancel(check=False)
+    return ids
+
