@@ -1,0 +1,60 @@
+"""Conv filters and feature maps of a model.
+
+Feature maps are the conv layer's own output (before BatchNorm and ReLU): that is what the
+filter computes, and it keeps the sign, which the ReLU would hide. Ask for ``reluN`` (or
+``bnN``) by name to get the later stages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .hooks import as_input, capture, module_by_name
+
+
+def conv_weights(model: nn.Module, layer_name: str) -> np.ndarray:
+    """The weights (out, in, kh, kw) of a conv layer, as a copy."""
+    m = module_by_name(model, layer_name)
+    if not isinstance(m, nn.Conv2d):
+        raise ValueError(f"layer {layer_name!r} is a {type(m).__name__}, not a Conv2d")
+    return m.weight.detach().cpu().numpy().copy()
+
+
+def first_layer_rgb(weights: np.ndarray) -> np.ndarray:
+    """First-layer filters (out, 3, kh, kw) as RGB patches (out, kh, kw, 3) in [0, 1].
+
+    Each filter is min-max scaled over all its values together, so its colour balance is kept;
+    channels-last so each patch goes straight to ``imshow``. A constant filter shows as mid-grey.
+    """
+    w = np.asarray(weights, dtype=np.float32)
+    if w.ndim != 4 or w.shape[1] != 3:
+        raise ValueError(f"weights: expected (out, 3, kh, kw) of a first conv layer, got {w.shape}")
+    lo = w.min(axis=(1, 2, 3), keepdims=True)
+    span = w.max(axis=(1, 2, 3), keepdims=True) - lo
+    scaled = np.where(span > 0, (w - lo) / np.where(span > 0, span, 1), 0.5)
+    return scaled.transpose(0, 2, 3, 1).astype(np.float32)
+
+
+def feature_maps(model: nn.Module, layer_name: str, images: torch.Tensor) -> np.ndarray:
+    """Output (N, C, H, W) of a layer of ``model.features`` for normalized images (N, 3, H, W);
+    for a conv layer its raw output, before BatchNorm and ReLU. Model in eval mode."""
+    x = as_input(model, images)
+    with capture(model, [layer_name]) as rec, torch.no_grad():
+        model.features(x)
+    return rec.outputs[layer_name].float().cpu().numpy()
+
+
+def through_every_conv(model: nn.Module, image: torch.Tensor) -> dict[str, np.ndarray]:
+    """One normalized image (3, H, W) or (1, 3, H, W) through the net: each conv layer's output
+    (C, H, W), by layer name in order. One forward pass."""
+    x = as_input(model, image)
+    if x.ndim == 3:
+        x = x[None]
+    if x.shape[0] != 1:
+        raise ValueError(f"image: expected one image, got a batch of {x.shape[0]}")
+    names = [n for n, _ in model.conv_layers()]
+    with capture(model, names) as rec, torch.no_grad():
+        model.features(x)
+    return {n: rec.outputs[n][0].float().cpu().numpy() for n in names}
