@@ -25,8 +25,8 @@ os.environ["http_proxy"] = os.environ["https_proxy"] = "http://127.0.0.1:9"
 os.environ["no_proxy"] = os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 
 
-def ray_processes() -> list[str]:
-    """Command lines of Ray daemons and workers running on this machine."""
+def processes(*needles: str) -> list[str]:
+    """Command lines of this machine's processes that contain any of ``needles``."""
     out = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -34,9 +34,14 @@ def ray_processes() -> list[str]:
                 cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if any(k in cmd for k in ("raylet", "gcs_server", "ray::", "default_worker.py")):
+            if any(k in cmd for k in needles):
                 out.append(cmd)
     return out
+
+
+def ray_processes() -> list[str]:
+    """Command lines of Ray daemons and workers running on this machine."""
+    return processes("raylet", "gcs_server", "ray::", "default_worker.py")
 
 
 def make_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

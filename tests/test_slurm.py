@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ray_processes
+from conftest import processes, ray_processes
 from vgg_xai.results import collect_rows
 
 pytestmark = pytest.mark.slow
@@ -192,16 +192,7 @@ def test_cancel_leaves_no_process(slurm, tmp_path, tiny_cache):
 
 
 def _job_processes(tmp_path: Path) -> list[str]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "submitit" in cmd and str(tmp_path) in cmd:
-                out.append(cmd)
-    return out
+    return [cmd for cmd in processes("submitit") if str(tmp_path) in cmd]
 
 
 def test_fake_gpu_trial_gets_cuda_visible_devices(slurm, tmp_path, tiny_cache):
