@@ -34,10 +34,10 @@ def slurm():
         yield
         return
     if shutil.which("slurmctld") is None:
-        pytest.skip("SLURM is not installed here: run cluster/local-slurm/local-slurm install")
+        pytest.skip(reason="SLURM is not installed here: run cluster/local-slurm/local-slurm install")
     r = subprocess.run([str(LOCAL_SLURM), "start", "--gpus", "2"], capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
-        pytest.skip(f"the local SLURM could not start: {r.stderr.strip().splitlines()[-1:]}")
+        pytest.skip(reason=f"the local SLURM could not start: {r.stderr.strip().splitlines()[-1:]}")
     os.environ["SLURM_CONF"] = r.stdout.strip().splitlines()[-1].split("=", 1)[1]
     yield
     subprocess.run([str(LOCAL_SLURM), "stop"], capture_output=True, timeout=120)
