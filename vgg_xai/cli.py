@@ -37,6 +37,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help=f"the prepared HDF5 cache to write or reuse (default: {DEFAULT_CACHE})")
 
 
+def _add_spec_args(p: argparse.ArgumentParser, example: str) -> None:
+    """The arguments of the commands that run a job spec (read back by _load_spec)."""
+    p.add_argument("spec", type=Path, help=f"the job spec, e.g. {example}")
+    p.add_argument("--data", help="a CIFAR-10 source or prepared cache (overrides the spec's data.source)")
+    p.add_argument("--results", type=Path, help="the results root (overrides the spec's results)")
+    p.add_argument("--force-new", action="store_true",
+                   help="start over when the spec changed (the earlier folder is moved aside, not deleted)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vgg-xai",
@@ -77,27 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Expand a job spec (jobs/*.yaml) into trials and run them on Ray: in this process "
                     "by default, or on a running cluster with --address. Running the same command "
                     "again continues an interrupted sweep; finished trials are not rerun.")
-    sweep.add_argument("spec", type=Path, help="the job spec, e.g. jobs/smoke.yaml")
-    sweep.add_argument("--data", help="a CIFAR-10 source or prepared cache (overrides the spec's data.source)")
+    _add_spec_args(sweep, "jobs/smoke.yaml")
     sweep.add_argument("--address", help="join a running Ray cluster ('auto' or HOST:PORT) instead of starting one")
-    sweep.add_argument("--results", type=Path, help="the results root (overrides the spec's results)")
     sweep.add_argument("--dry-run", action="store_true", help="print the expanded trials and resources; run nothing")
-    sweep.add_argument("--force-new", action="store_true",
-                       help="start over when the spec changed (the earlier folder is moved aside, not deleted)")
 
     submit = sub.add_parser(
         "submit", help="submit a sweep to SLURM (and its post-processing job after it)",
         description="Submit a job spec to SLURM with submitit: one sweep job running Ray inside the "
                     "allocation (--mode ray) or one array task per trial (--mode array), then the "
                     "post-processing job with an afterok dependency. Prints the job ids and the results folder.")
-    submit.add_argument("spec", type=Path, help="the job spec, e.g. jobs/seed.yaml")
+    _add_spec_args(submit, "jobs/seed.yaml")
     submit.add_argument("--cluster", type=Path, required=True, help="the cluster profile, e.g. cluster/example-gpu.yaml")
-    submit.add_argument("--data", help="a CIFAR-10 source or prepared cache (overrides the spec's data.source)")
-    submit.add_argument("--results", type=Path, help="the results root (overrides the spec's results)")
     submit.add_argument("--mode", choices=("ray", "array"), default="ray",
                         help="ray: one job, Ray schedules the trials (default); array: one SLURM array task a trial")
     submit.add_argument("--max-concurrent", type=int, help="array mode: at most this many tasks at once")
-    submit.add_argument("--force-new", action="store_true", help="start over when the spec changed")
 
     st = sub.add_parser("status", help="SLURM states and per-trial progress of a submitted sweep")
     st.add_argument("sweep_dir", type=Path, help="the sweep's results folder, e.g. results/seed")
