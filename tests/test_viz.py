@@ -1,0 +1,371 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from vgg_xai import viz
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def images(p: int, size: int = 8) -> np.ndarray:
+    return rng().integers(0, 256, (p, size, size, 3), dtype=np.uint8)
+
+
+def history(epochs: int = 5, diverged: bool = False) -> dict[str, np.ndarray]:
+    e = np.arange(1, epochs + 1, dtype=float)
+    h = {"epoch": e, "train_loss": 2 / e, "valid_loss": 2.2 / e, "train_acc": 1 - 1 / (e + 1),
+         "valid_acc": 1 - 1.2 / (e + 1)}
+    if diverged:
+        h["valid_loss"][-1], h["valid_acc"][-1], h["train_loss"][-1] = np.nan, np.nan, np.inf
+    return h
+
+
+def hist(scale: float) -> dict[str, np.ndarray]:
+    counts, edges = np.histogram(rng().normal(0, scale, 500), bins=20)
+    return {"counts": counts, "edges": edges}
+
+
+def image_axes(fig: Figure) -> list:
+    return [ax for ax in fig.axes if ax.images and ax.get_visible()]
+
+
+def legend_texts(legend) -> list[str]:
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def pivot() -> dict:
+    cell = lambda m, n=3: {"mean": m, "std": None if m is None else 0.01, "n": n, "of": 3,  # noqa: E731
+                           "statuses": ["ok"] * n}
+    return {"metric": "test_acc", "variants": ["plain", "bn", "l2"], "schedules": ["lr1e-3", "lr1e-2"],
+            "cells": {"plain|lr1e-3": cell(0.7), "plain|lr1e-2": cell(0.6), "bn|lr1e-3": cell(0.8, 2),
+                      "bn|lr1e-2": cell(0.75), "l2|lr1e-3": cell(0.72), "l2|lr1e-2": cell(None, 0)}}
+
+
+# One small call of every drawing function, for the checks that hold for all of them.
+BUILDERS = {
+    "curves": lambda: viz.curves(history(diverged=True)),
+    "bn_histograms": lambda: viz.bn_histograms({f"bn{i}": {"before": hist(3), "after": hist(1)} for i in range(3)}),
+    "filters_rgb": lambda: viz.filters_rgb(rng().random((8, 3, 3, 3)), rng().random((8, 3, 3, 3))),
+    "filter_grid": lambda: viz.filter_grid(rng().normal(size=(4, 4, 3, 3)), rng().normal(size=(4, 4, 3, 3)), "c8"),
+    "feature_maps": lambda: viz.feature_maps(images(2), rng().random((2, 3, 4, 4)), rng().random((2, 3, 4, 4)),
+                                             "conv1", CLASSES, np.array([0, 1])),
+    "through_layers": lambda: viz.through_layers(images(1)[0], {"conv1": rng().random((3, 8, 8)),
+                                                                "conv2": rng().random((2, 4, 4))}),
+    "cam_overlays": lambda: viz.cam_overlays(images(2), {"gradcam": rng().random((2, 8, 8))}, np.array([0, 1]),
+                                             np.array([0, 2]), CLASSES),
+    "faithfulness": lambda: viz.faithfulness(np.linspace(0, 1, 5), rng().random((3, 5)), rng().random((3, 5))),
+    "sanity": lambda: viz.sanity(["fc", "conv2"], np.array([0.5, 0.1]), rng().random((3, 8, 8)), images(1)[0]),
+    "tsne_gmm": lambda: viz.tsne_gmm(rng().normal(size=(50, 2)), np.arange(50) % 10, np.arange(50) % 4, CLASSES),
+    "bic": lambda: viz.bic(rng().normal(size=(2, 4)), [2, 3, 4, 5], ["full", "diag"]),
+    "contingency": lambda: viz.contingency(rng().integers(0, 9, (4, 10)), CLASSES),
+    "confusion": lambda: viz.confusion(rng().integers(0, 9, (10, 10)), rng().random(10), CLASSES),
+    "accuracy_bars": lambda: viz.accuracy_bars(pivot()),
+    "valid_curves": lambda: viz.valid_curves({"a": history(), "b": history()}, {"a": "plain", "b": "bn"}),
+    "cam_grid": lambda: viz.cam_grid(images(2), rng().random((2, 2, 8, 8)), ["t0", "t1"], CLASSES,
+                                     np.array([0, 1])),
+    "tsne_grid": lambda: viz.tsne_grid([rng().normal(size=(30, 2))] * 2, [np.arange(30) % 10] * 2, ["t0", "t1"],
+                                       CLASSES),
+}
+
+
+def test_import_needs_no_torch_and_uses_agg():
+    code = ("import sys, matplotlib, vgg_xai.viz; "
+            "print(matplotlib.get_backend().lower(), sorted(m for m in ('torch', 'h5py', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MPLBACKEND": "TkAgg"}).stdout.split(maxsplit=1)
+    assert out == ["agg", "[]\n"]
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_every_function_draws_a_modest_figure_that_saves_as_png(name, tmp_path):
+    fig = BUILDERS[name]()
+    assert isinstance(fig, Figure)
+    w, h = fig.get_size_inches()
+    assert 2 <= w <= viz.MAX_WIDTH and 2 <= h <= viz.MAX_HEIGHT and fig.dpi == 100
+    assert any(ax.images or ax.lines or ax.collections or ax.patches for ax in fig.axes)
+    out = viz.save(fig, tmp_path / f"{name}.png")
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    assert mpimg.imread(out).shape[:2] == (round(h * 100), round(w * 100))
+
+
+# ---------------------------------------------------------------- save
+
+
+def test_save_writes_png_of_the_figure_size_and_no_temporary(tmp_path):
+    fig = viz.curves(history())
+    w, h = fig.get_size_inches()
+    path = tmp_path / "deep" / "dir" / "curves.png"
+    assert viz.save(fig, str(path), dpi=50) == path
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert mpimg.imread(path).shape[:2] == (round(h * 50), round(w * 50))
+    assert [p.name for p in path.parent.iterdir()] == ["curves.png"]
+
+
+def test_save_replaces_an_existing_file_by_rename(tmp_path):
+    path = tmp_path / "fig.png"
+    viz.save(viz.curves(history()), path)
+    first, inode = path.read_bytes(), path.stat().st_ino
+    second = viz.confusion(np.eye(10, dtype=int) * 5, np.ones(10), CLASSES)
+    size = second.get_size_inches()
+    viz.save(second, path)
+    assert path.read_bytes() != first
+    assert path.stat().st_ino != inode  # a new file renamed over the old, not rewritten in place
+    assert mpimg.imread(path).shape[:2] == (round(size[1] * 100), round(size[0] * 100))
+    assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "fig.png"
+    viz.save(viz.curves(history()), path)
+    before = path.read_bytes()
+    fig = viz.curves(history())
+
+    def broken(target, **kwargs):
+        open(target, "wb").write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    fig.savefig = broken
+    with pytest.raises(OSError, match="disk full"):
+        viz.save(fig, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]
+
+
+def test_save_releases_figures(tmp_path):
+    before = plt.get_fignums()
+    drawn = []
+    for i in range(20):
+        if i % 2:
+            fig = plt.figure()  # a pyplot figure, which pyplot would keep alive until closed
+            fig.add_subplot().plot([0, 1], [1, 0])
+        else:
+            fig = viz.valid_curves({"a": history()}, {"a": "plain"})
+        viz.save(fig, tmp_path / f"{i}.png")
+        drawn.append(fig)
+    assert plt.get_fignums() == before
+    assert all(not f.axes for f in drawn)
+    assert len(list(tmp_path.glob("*.png"))) == 20
+
+
+# ---------------------------------------------------------------- per trial
+
+
+def test_curves_leave_out_non_finite_points():
+    fig = viz.curves(history(epochs=6, diverged=True))
+    loss, acc = fig.axes
+    assert (loss.get_xlabel(), acc.get_xlabel()) == ("epoch", "epoch")
+    lines = {(ax.get_title(), line.get_label()): line for ax in (loss, acc) for line in ax.lines}
+    assert list(lines[("loss", "train")].get_xdata()) == [1, 2, 3, 4, 5]
+    assert list(lines[("loss", "valid")].get_xdata()) == [1, 2, 3, 4, 5]
+    assert list(lines[("accuracy", "train")].get_xdata()) == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(line.get_ydata()).all() for line in lines.values())
+    assert np.isfinite(loss.get_ylim()).all()
+
+
+def test_bn_histograms_one_panel_per_layer_in_order():
+    names = ["bn1", "bn2", "bn3", "bn4", "bn5"]
+    fig = viz.bn_histograms({n: {"before": hist(3), "after": hist(1)} for n in names})
+    assert [ax.get_title() for ax in fig.axes] == names  # the 3 spare cells of the 2x4 grid are gone
+    assert all(len(ax.patches) == 2 and ax.get_yscale() == "log" for ax in fig.axes)
+    assert legend_texts(fig.legends[0]) == ["before", "after"]
+
+
+def test_bn_histograms_empty_is_an_error():
+    with pytest.raises(ValueError, match="BatchNorm"):
+        viz.bn_histograms({})
+
+
+def test_filters_rgb_mosaics_clipped_to_unit_range():
+    trained = rng().random((8, 3, 3, 3)) * 1.4 - 0.2
+    fig = viz.filters_rgb(rng().random((8, 3, 3, 3)), trained)
+    axes = image_axes(fig)
+    assert [ax.get_title().split()[0] for ax in axes] == ["untrained", "trained"]
+    mosaic = axes[1].images[0].get_array()
+    assert mosaic.shape == (11, 11, 3)  # 3x3 grid of 3x3 patches with 1-pixel gaps
+    assert mosaic.min() >= 0 and mosaic.max() <= 1
+    np.testing.assert_allclose(mosaic[4:7, 4:7], np.clip(trained[4], 0, 1))
+
+
+def test_filter_grid_cells_and_symmetric_scale_per_side():
+    init, trained = rng().normal(size=(4, 5, 3, 3)), rng().normal(size=(4, 5, 3, 3)) * 3
+    fig = viz.filter_grid(init, trained, "conv8")
+    axes = [ax for ax in image_axes(fig) if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["conv8 untrained", "conv8 trained"]
+    for ax, w in zip(axes, (init, trained)):
+        im = ax.images[0]
+        assert im.get_array().shape == (4 * 4 - 1, 5 * 4 - 1)  # rows = outputs, columns = inputs
+        m = np.abs(w).max()
+        assert im.get_clim() == pytest.approx((-m, m))
+        np.testing.assert_allclose(im.get_array()[4:7, 8:11], w[1, 2])  # output 1, input 2
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("input channel", "output filter")
+
+
+def test_feature_maps_caps_rows_and_channels_and_normalizes_each_map():
+    p, c = 8, 16
+    maps = rng().normal(5, 3, (p, c, 4, 4))
+    labels = np.arange(p) % 10
+    fig = viz.feature_maps(images(p), maps, maps * 10, "conv1", CLASSES, labels)
+    axes = image_axes(fig)
+    assert len(axes) == 6 * (1 + 2 * 8)
+    assert [ax.get_ylabel() for ax in axes[::17]] == CLASSES[:6]
+    shown = axes[1].images[0].get_array()
+    assert shown.min() == 0 and shown.max() == 1
+    np.testing.assert_allclose(shown, (maps[0, 0] - maps[0, 0].min()) / np.ptp(maps[0, 0]))
+    np.testing.assert_allclose(axes[9].images[0].get_array(), shown)  # trained map of 10x the scale
+
+
+def test_through_layers_one_row_per_layer():
+    maps = {"conv1": rng().random((16, 8, 8)), "conv2": rng().random((4, 4, 4)), "conv3": rng().random((16, 2, 2))}
+    fig = viz.through_layers(images(1)[0], maps)
+    axes = image_axes(fig)
+    assert len(axes) == 1 + 8 + 4 + 8
+    assert axes[0].get_title() == "input" and axes[0].images[0].get_array().shape == (8, 8, 3)
+    labels = [t.get_text().split("\n")[0] for ax in fig.axes for t in ax.texts]
+    assert labels == ["conv1", "conv2", "conv3"]
+
+
+def test_cam_overlays_rows_titles_and_overlay():
+    maps = {"gradcam": rng().random((3, 8, 8)), "hirescam": rng().random((3, 8, 8))}
+    fig = viz.cam_overlays(images(3), maps, np.array([3, 5, 1]), np.array([5, 5, 1]), CLASSES)
+    axes = image_axes(fig)
+    assert len(axes) == 3 * 3
+    assert [axes[j].get_title() for j in range(3)] == ["image", "gradcam", "hirescam"]
+    first = axes[0]
+    assert first.get_ylabel() == "true: cat\npred: dog"
+    assert first.yaxis.label.get_color() == "tab:red"  # a wrong prediction
+    assert axes[3].yaxis.label.get_color() == "black"
+    under, over = axes[2].images
+    assert over.get_cmap().name == "jet" and over.get_alpha() == 0.5
+    np.testing.assert_allclose(over.get_array(), maps["hirescam"][0])
+
+
+def test_faithfulness_auc_in_legend():
+    x = np.array([0.0, 0.1, 0.3, 0.6, 1.0])  # uneven steps
+    deletion = np.stack([1 - x] * 4)  # linear: the trapezoid sum is exact, 0.5
+    insertion = np.stack([x ** 2 * 0.5, x ** 2 * 1.5])  # mean x^2: trapezoids give 0.350, not 1/3
+    expected = sum((x[i + 1] - x[i]) * (x[i] ** 2 + x[i + 1] ** 2) / 2 for i in range(4))
+    fig = viz.faithfulness(x, deletion, insertion, np.full((4, 5), 0.2), None)
+    ax_del, ax_ins = fig.axes
+    assert legend_texts(ax_del.get_legend()) == ["map (AUC 0.500)", "random map (AUC 0.200)"]
+    assert legend_texts(ax_ins.get_legend()) == [f"map (AUC {expected:.3f})"]
+    assert f"{expected:.3f}" == "0.350"
+    assert [line.get_linestyle() for line in ax_del.lines] == ["-", "--"]
+    assert len(ax_ins.collections) == 1  # the spread band of the one curve
+    np.testing.assert_allclose(ax_ins.lines[0].get_ydata(), x ** 2)
+
+
+def test_sanity_curve_and_strip():
+    layers = ["classifier", "head.2", "conv2", "conv1"]
+    maps = rng().random((5, 8, 8))
+    fig = viz.sanity(layers, np.array([0.9, 0.6, 0.3, 0.0]), maps, images(1)[0])
+    curve = next(ax for ax in fig.axes if ax.lines and not ax.images)
+    assert [t.get_text() for t in curve.get_xticklabels()] == layers
+    assert curve.get_ylim() == (-0.2, 1.05)
+    strip = image_axes(fig)
+    assert [ax.get_title() for ax in strip] == ["image", "trained", "to classifier", "to head.2", "to conv2",
+                                                "to conv1"]
+
+
+def test_tsne_gmm_two_panels_with_labels_and_scores():
+    n = 200
+    labels, clusters = np.arange(n) % 10, np.arange(n) % 4
+    fig = viz.tsne_gmm(rng().normal(size=(n, 2)), labels, clusters, CLASSES, {"ari": 0.4, "nmi": 0.51})
+    left, right = fig.axes
+    assert legend_texts(left.get_legend()) == CLASSES
+    assert sum(len(c.get_offsets()) for c in left.collections) == n
+    assert sum(len(c.get_offsets()) for c in right.collections) == n
+    assert len(right.collections) == 4
+    assert all(c.get_rasterized() for c in left.collections + right.collections)
+    assert "ARI 0.400" in right.get_title() and "NMI 0.510" in right.get_title()
+
+
+def test_bic_marks_the_best():
+    b = np.array([[5.0, 3.0, np.nan, 4.0], [6.0, 2.0, 1.0, 7.0]])
+    ks = [2, 3, 4, 5]
+    ax = viz.bic(b, ks, ["full", "diag"], best=(3, "full")).axes[0]
+    star = ax.lines[-1]
+    assert (list(star.get_xdata()), list(star.get_ydata())) == ([3], [3.0])
+    assert list(ax.lines[0].get_xdata()) == [2, 3, 5]  # the failed fit is left out
+    default = viz.bic(b, ks, ["full", "diag"]).axes[0].lines[-1]  # no best given: the lowest BIC
+    assert (list(default.get_xdata()), list(default.get_ydata())) == ([4], [1.0])
+
+
+def test_contingency_writes_every_count():
+    table = rng().integers(0, 50, (4, 10))
+    ax = viz.contingency(table, CLASSES).axes[0]
+    assert [int(t.get_text()) for t in ax.texts] == table.ravel().tolist()
+    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+
+
+def test_confusion_counts_bars_and_ece():
+    conf = rng().integers(0, 30, (10, 10)) + np.eye(10, dtype=int) * 300
+    acc = np.diag(conf) / conf.sum(axis=1)
+    fig = viz.confusion(conf, acc, CLASSES, ece=0.0344)
+    matrix, bars = (ax for ax in fig.axes if ax.get_title())
+    assert [int(t.get_text()) for t in matrix.texts] == conf.ravel().tolist()
+    np.testing.assert_allclose(matrix.images[0].get_array(), conf / conf.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose([p.get_height() for p in bars.patches], acc)
+    assert "ECE 0.034" in fig.get_suptitle()
+    assert "ECE" not in viz.confusion(conf, acc, CLASSES).get_suptitle()
+
+
+# ---------------------------------------------------------------- per sweep
+
+
+def test_accuracy_bars_grouped_with_missing_cell_left_out():
+    ax = viz.accuracy_bars(pivot()).axes[0]
+    heights = {c.get_label(): [round(p.get_height(), 3) for p in c.patches] for c in ax.containers
+               if hasattr(c, "patches")}
+    assert heights == {"lr1e-3": [0.7, 0.8, 0.72], "lr1e-2": [0.6, 0.75]}
+    assert ax.get_ylabel() == "test_acc"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["plain", "bn", "l2"]
+    assert "0.800\n2/3" in [t.get_text() for t in ax.texts]  # a seed missing
+
+
+def test_valid_curves_one_colour_per_variant_and_nan_skipped():
+    ids = ["plain-a", "plain-b", "bn-a", "bn-b", "l2-a"]
+    hs = {t: history(diverged=(i == 0)) for i, t in enumerate(ids)}
+    ax = viz.valid_curves(hs, {t: t.split("-")[0] for t in ids}).axes[0]
+    assert legend_texts(ax.get_legend()) == ["plain", "bn", "l2"]
+    colours = [line.get_color() for line in ax.lines]
+    assert colours[0] == colours[1] != colours[2] == colours[3] != colours[4]
+    assert len(ax.lines[0].get_xdata()) == 4 and np.isfinite(ax.lines[0].get_ydata()).all()
+
+
+def test_cam_grid_has_an_image_column_per_trial_plus_one():
+    t, p = 3, 2
+    ids = [f"bn-lr1e-3-s{i}" for i in range(t)]
+    fig = viz.cam_grid(images(p), rng().random((t, p, 8, 8)), ids, CLASSES, np.array([2, 9]))
+    axes = image_axes(fig)
+    columns = sorted({round(ax.get_position().x0, 4) for ax in axes})
+    assert len(columns) == t + 1 and len(axes) == p * (t + 1)
+    assert [ax.get_title() for ax in axes[1:t + 1]] == ids
+    assert [axes[i * (t + 1)].get_ylabel() for i in range(p)] == ["bird", "truck"]
+
+
+def test_cam_grid_stays_a_sane_size_for_many_trials():
+    t = 40
+    fig = viz.cam_grid(images(1), rng().random((t, 1, 8, 8)), [f"t{i}" for i in range(t)], CLASSES, np.array([0]))
+    assert len({round(ax.get_position().x0, 4) for ax in image_axes(fig)}) == t + 1
+    assert fig.get_size_inches()[0] <= viz.MAX_WIDTH + 1e-9
+
+
+def test_tsne_grid_one_panel_per_trial_and_shared_legend():
+    ids = [f"t{i}" for i in range(7)]
+    embs = [rng().normal(size=(40, 2)) for _ in ids]
+    fig = viz.tsne_grid(embs, [np.arange(40) % 10] * 7, ids, CLASSES)
+    assert [ax.get_title() for ax in fig.axes] == ids  # 2 rows of 5, spare cells removed
+    assert len(fig.legends) == 1 and legend_texts(fig.legends[0]) == CLASSES
