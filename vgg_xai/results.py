@@ -1,4 +1,9 @@
-"""Read a sweep's trial folders, aggregate them, and write/print the accuracy tables."""
+"""Read a sweep's trial folders, aggregate them, and write, print and pull the results tables.
+
+A row per trial comes from its small files (config.json, result.json, history.csv and, once
+post-processing has run, interpret/metrics.json), so a copy made by `pull` reads the same as
+the sweep folder on the cluster.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,24 @@ import csv
 import io
 import json
 import math
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .checkpoint import atomic_write_text
 from .config import SCHEDULES, VARIANTS
+from .errors import UserError
 
+# The interpretation metrics taken from trials/<id>/interpret/metrics.json ["summary"].
+INTERPRET_METRICS = ["ari", "nmi", "purity", "ece", "deletion_auc", "insertion_auc", "sanity_rho"]
 ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "epochs", "best_valid_acc",
-               "best_epoch", "test_acc", "wall_s"]
+               "best_epoch", "test_acc", *INTERPRET_METRICS, "wall_s"]
+# The columns `pivot` aggregates over seeds.
+METRICS = ["test_acc", "best_valid_acc", "best_epoch", "epochs", *INTERPRET_METRICS, "wall_s"]
+FORMATS = ("table", "md", "csv", "json", "latex")
 
 
 def trial_status(trial_dir: Path) -> str:
@@ -28,6 +41,23 @@ def trial_status(trial_dir: Path) -> str:
     return "running" if (trial_dir / "checkpoint.pt").is_file() else "pending"
 
 
+def _interpret_summary(trial_dir: Path) -> dict[str, float]:
+    """The seven interpretation metrics of a trial; NaN for each one its metrics.json lacks."""
+    out = dict.fromkeys(INTERPRET_METRICS, math.nan)
+    path = trial_dir / "interpret" / "metrics.json"
+    if not path.is_file():
+        return out
+    try:
+        summary = json.loads(path.read_text()).get("summary") or {}
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); delete it and run `vgg-xai postprocess` again") from None
+    for k in INTERPRET_METRICS:
+        v = summary.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
 def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per trial folder (sorted by trial id)."""
     rows = []
@@ -38,7 +68,8 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
         cfg = json.loads(cfg_file.read_text())
         row: dict[str, Any] = {"trial_id": d.name, "variant": cfg["variant"], "lr_schedule": cfg["lr_schedule"],
                                "seed": cfg["seed"], "status": trial_status(d), "epochs": 0,
-                               "best_valid_acc": math.nan, "best_epoch": 0, "test_acc": math.nan, "wall_s": math.nan}
+                               "best_valid_acc": math.nan, "best_epoch": 0, "test_acc": math.nan,
+                               **_interpret_summary(d), "wall_s": math.nan}
         history = d / "history.csv"
         if history.is_file():  # a running trial: the epochs it has done so far
             done = list(csv.DictReader(history.open()))
@@ -54,8 +85,30 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def load_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a sweep folder: from its trial folders, else from its tables/accuracy.json."""
+    sweep_dir = Path(sweep_dir)
+    if (sweep_dir / "trials").is_dir():
+        return collect_rows(sweep_dir)
+    table = sweep_dir / "tables" / "accuracy.json"
+    if table.is_file():
+        try:
+            saved = json.loads(table.read_text())["rows"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{table}: not a vgg-xai results table ({e}); run `vgg-xai postprocess` again") from None
+        return [{c: math.nan if r.get(c) is None and c in METRICS else r.get(c) for c in ROW_COLUMNS}
+                for r in saved]
+    raise UserError(f"{sweep_dir}: not a sweep folder (no trials/ or tables/accuracy.json); pass results/<sweep>, "
+                    f"or copy one from a cluster with `vgg-xai results pull HOST:PATH {sweep_dir}`")
+
+
 def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any]:
-    """variant x schedule -> mean, std (ddof=1 over seeds; 0 for one seed) and n of a metric."""
+    """variant x schedule -> mean, std (ddof=1 over seeds; 0 for one seed) and n of a metric.
+
+    Only completed trials count; n is how many had a value, of how many trials the cell holds.
+    """
+    if metric not in METRICS:
+        raise UserError(f"metric: {metric!r} is not one of {', '.join(METRICS)}")
     known_v, known_s = list(VARIANTS), list(SCHEDULES)
     order = lambda known: (lambda x: (known.index(x) if x in known else len(known), x))  # noqa: E731
     variants = sorted({r["variant"] for r in rows}, key=order(known_v))
@@ -64,7 +117,8 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
     for v in variants:
         for s in schedules:
             group = [r for r in rows if r["variant"] == v and r["lr_schedule"] == s]
-            vals = [float(r[metric]) for r in group if r["status"] == "completed" and math.isfinite(float(r[metric]))]
+            vals = [float(r[metric]) for r in group
+                    if r["status"] == "completed" and r[metric] is not None and math.isfinite(float(r[metric]))]
             statuses = sorted({r["status"] for r in group})
             cells[f"{v}|{s}"] = {
                 "mean": float(np.mean(vals)) if vals else None,
@@ -94,6 +148,68 @@ def format_pivot(p: dict[str, Any], markdown: bool = False) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
 
 
+def pivot_csv(p: dict[str, Any]) -> str:
+    """The pivot in long form, one line a cell; floats at full precision (they read back equal)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["variant", "schedule", "metric", "mean", "std", "n", "of"])
+    for v in p["variants"]:
+        for s in p["schedules"]:
+            c = p["cells"][f"{v}|{s}"]
+            w.writerow([v, s, p["metric"], "" if c["mean"] is None else repr(c["mean"]),
+                        "" if c["std"] is None else repr(c["std"]), c["n"], c["of"]])
+    return buf.getvalue()
+
+
+_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in text)
+
+
+def pivot_latex(p: dict[str, Any]) -> str:
+    """A booktabs tabular: variants as rows, schedules as columns, mean $\\pm$ std over seeds."""
+
+    def cell(c: dict[str, Any]) -> str:
+        if c["of"] == 0:
+            return ""
+        if c["mean"] is None:
+            return "--"
+        text = f"{c['mean']:.4f}" + (f" $\\pm$ {c['std']:.4f}" if c["n"] > 1 else "")
+        return text + (f" ({c['n']}/{c['of']})" if c["n"] < c["of"] else "")
+
+    lines = [f"% {_latex_escape(p['metric'])}: mean $\\pm$ std over seeds (needs \\usepackage{{booktabs}})",
+             "\\begin{tabular}{l" + "c" * len(p["schedules"]) + "}", "\\toprule",
+             " & ".join(["variant"] + [_latex_escape(s) for s in p["schedules"]]) + " \\\\", "\\midrule"]
+    for v in p["variants"]:
+        cells = [cell(p["cells"][f"{v}|{s}"]) for s in p["schedules"]]
+        lines.append(" & ".join([_latex_escape(v)] + cells) + " \\\\")
+    return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
+
+
+def json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with NaN as None (null in JSON)."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+
+
+def render(rows: list[dict[str, Any]], metric: str = "test_acc", fmt: str = "table") -> str:
+    """The pivot of one metric as text in one of FORMATS (json also holds the rows)."""
+    if fmt not in FORMATS:
+        raise UserError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    p = pivot(rows, metric)
+    if fmt == "csv":
+        return pivot_csv(p)
+    if fmt == "json":
+        return json.dumps({"pivot": p, "rows": json_rows(rows)}, indent=2) + "\n"
+    if fmt == "latex":
+        return pivot_latex(p)
+    if fmt == "md":
+        return format_pivot(p, markdown=True) + "\n"
+    return f"{metric}: mean ± std over seeds (n/of where some trials have no value)\n\n{format_pivot(p)}\n"
+
+
 def _rows_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(ROW_COLUMNS) + " |", "|" + "---|" * len(ROW_COLUMNS)]
     for r in rows:
@@ -108,7 +224,12 @@ def _fmt(v: Any) -> str:
 
 
 def write_tables(sweep_dir: str | Path, metric: str = "test_acc") -> dict[str, Any]:
-    """tables/accuracy.{csv,md,json} of a sweep folder; returns the pivot."""
+    """tables/accuracy.{csv,md,json} of a sweep folder; returns the pivot.
+
+    The md file also holds a pivot of each interpretation metric that some trial has.
+    """
+    from .checkpoint import atomic_write_text
+
     sweep_dir = Path(sweep_dir)
     rows = collect_rows(sweep_dir)
     p = pivot(rows, metric)
@@ -118,9 +239,91 @@ def write_tables(sweep_dir: str | Path, metric: str = "test_acc") -> dict[str, A
     w.writeheader()
     w.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows)
     atomic_write_text(tables / "accuracy.csv", buf.getvalue())
-    json_rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
-    atomic_write_text(tables / "accuracy.json", json.dumps({"rows": json_rows, "pivot": p}, indent=2))
+    atomic_write_text(tables / "accuracy.json", json.dumps({"rows": json_rows(rows), "pivot": p}, indent=2))
+    extra = [q for q in (pivot(rows, m) for m in INTERPRET_METRICS) if any(c["n"] for c in q["cells"].values())]
+    interp = "".join(f"### {q['metric']}\n\n{format_pivot(q, markdown=True)}\n\n" for q in extra)
     md = (f"# {sweep_dir.name}: {metric}\n\nMean ± std over seeds (n/of where some trials did not complete).\n\n"
-          f"{format_pivot(p, markdown=True)}\n\n## Trials\n\n{_rows_markdown(rows)}\n")
+          f"{format_pivot(p, markdown=True)}\n\n"
+          + (f"## Interpretation metrics\n\nFrom each trial's interpret/metrics.json.\n\n{interp}" if extra else "")
+          + f"## Trials\n\n{_rows_markdown(rows)}\n")
     atomic_write_text(tables / "accuracy.md", md)
     return p
+
+
+# ---------------------------------------------------------------------------- pull
+
+# What `pull` copies, relative to the sweep folder: the small files only.
+PULL_FILES = ["spec.yaml", "report.html", "tables/**", "figures/**"]
+PULL_TRIAL_FILES = ["config.json", "result.json", "history.csv", "attempts.jsonl", "error.txt",
+                    "interpret/metrics.json", "interpret/*.png"]
+
+
+def pull_filters() -> list[str]:
+    """rsync filter rules (first match wins) that keep only PULL_FILES and PULL_TRIAL_FILES.
+
+    Heavy or transient files are excluded before anything is included, so no rule below can
+    let a checkpoint, a feature dump, Ray's state, a lock or a half-written temp file through.
+    """
+    rules = ["- *.pt", "- *.h5", "- *.hdf5", "- ray/", "- .*", "- *.tmp", "- *.lock"]
+    rules += ["+ /spec.yaml", "+ /report.html", "+ /tables/", "+ /tables/**", "+ /figures/", "+ /figures/**",
+              "+ /trials/", "+ /trials/*/", "+ /trials/*/interpret/"]
+    rules += [f"+ /trials/*/{name}" for name in PULL_TRIAL_FILES]
+    return rules + ["- *"]
+
+
+def _is_remote(src: str) -> bool:
+    """rsync's rule: HOST:PATH (a colon before any slash) or an rsync:// URL."""
+    return src.startswith("rsync://") or re.match(r"^[^/]*:", src) is not None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""  # unreachable
+
+
+def pull(src: str, dest: str | Path) -> dict[str, Any]:
+    """Copy a sweep folder's tables, figures, report and per-trial metrics from src (HOST:PATH over
+    ssh, or a local path) to dest with rsync; never checkpoints or feature dumps.
+
+    Returns {"files": the relative paths copied by this run, "bytes": their size, "dest": dest}.
+    """
+    rsync = shutil.which("rsync")
+    if rsync is None:
+        raise UserError("rsync not found; install rsync (e.g. `apt install rsync` or `brew install rsync`) "
+                        "here and on the cluster")
+    src = str(src)
+    if not _is_remote(src):
+        local = Path(src)
+        if not local.is_dir():
+            raise UserError(f"{src}: no such folder; pass HOST:PATH/results/<sweep> or a local sweep folder")
+        if not any((local / p).exists() for p in ("trials", "tables", "spec.yaml")):
+            raise UserError(f"{src}: not a sweep folder (no trials/, tables/ or spec.yaml); pass results/<sweep>")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [rsync, "-a", "--prune-empty-dirs", "--out-format=%n\t%l"]
+    cmd += [f"--filter={rule}" for rule in pull_filters()]
+    cmd += [src.rstrip("/") + "/", str(dest) + "/"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "; ".join(line.strip() for line in proc.stderr.strip().splitlines()[-3:] if line.strip())
+        raise UserError(f"rsync {src} -> {dest} failed (exit {proc.returncode}): {tail or 'no message'}")
+    files, size = [], 0
+    for line in proc.stdout.splitlines():
+        name, _, length = line.rpartition("\t")
+        if name and not name.endswith("/"):
+            files.append(name)
+            size += int(length) if length.isdigit() else 0
+    if not any((dest / p).exists() for p in ("trials", "tables", "spec.yaml")):
+        raise UserError(f"{src}: nothing of a sweep folder was found there (no trials/, tables/ or spec.yaml); "
+                        "pass HOST:PATH/results/<sweep>")
+    return {"files": files, "bytes": size, "dest": dest}
+
+
+def pull_summary(out: dict[str, Any]) -> str:
+    n = len(out["files"])
+    if n == 0:
+        return f"{out['dest']}: up to date (0 files copied)"
+    return f"{out['dest']}: copied {n} file{'s' * (n != 1)} ({_size(out['bytes'])})"

@@ -1,0 +1,293 @@
+"""`vgg-xai results`: the tables it prints read back to the numbers of the trial folders, and
+`results pull` copies the small files of a sweep and never its checkpoints or feature dumps.
+
+The sweep folder is written by hand in the real formats (TrialConfig's config.json, TrialResult's
+result.json, history.csv, torch checkpoints, HDF5 dumps, post-processing's metrics.json)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vgg_xai.cli import main
+from vgg_xai.config import TrialConfig
+from vgg_xai.results import (INTERPRET_METRICS, ROW_COLUMNS, collect_rows, json_rows, pivot, pull_filters,
+                             write_tables)
+from vgg_xai.train import HISTORY_COLUMNS, TrialResult
+
+# (variant, schedule) -> test accuracy per seed; bn_augment has an underscore for LaTeX to escape.
+ACC = {("plain", "const_1e-3"): [0.61, 0.6325], ("plain", "alternate"): [0.55, 0.5871],
+       ("bn_augment", "const_1e-3"): [0.7137, 0.7421], ("bn_augment", "alternate"): [0.6903, 0.7019]}
+FAILED = TrialConfig(variant="plain", lr_schedule="alternate", seed=2, width=0.125, epochs=3, data="/c.h5")
+NOT_INTERPRETED = "bn_augment-lralt-s1"  # completed, but post-processing has not reached it
+ARI = lambda acc: round(acc * 0.9 - 0.1, 6)  # noqa: E731 - some distinct value per trial
+
+
+def _png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
+
+
+def _h5(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=np.zeros((8, 16), np.float32))
+
+
+def make_sweep(root: Path) -> tuple[Path, set[str]]:
+    """A finished sweep folder with post-processing's outputs and the heavy files a real one has;
+    returns it and the relative paths `pull` must copy."""
+    sweep = root / "seed"
+    small: set[str] = set()
+
+    def put(rel: str, text: str) -> None:
+        (sweep / rel).parent.mkdir(parents=True, exist_ok=True)
+        (sweep / rel).write_text(text)
+        small.add(rel)
+
+    def trial(cfg: TrialConfig, acc: float | None) -> Path:
+        d = sweep / "trials" / cfg.trial_id
+        rel = f"trials/{cfg.trial_id}"
+        put(f"{rel}/config.json", cfg.to_json())
+        put(f"{rel}/attempts.jsonl", json.dumps({"attempt": 1, "pid": 123, "start_epoch": 0}) + "\n")
+        torch.save({"model": {"w": torch.zeros(2, 2)}}, d / "checkpoint_init.pt")
+        torch.save({"model": {"w": torch.ones(2, 2)}, "epoch": 3, "config": cfg.to_dict()}, d / "checkpoint.pt")
+        (d / ".checkpoint.pt.tmp4242").write_bytes(b"half written")
+        valid = [0.3, acc - 0.01, acc - 0.02] if acc is not None else [0.3]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for e, va in enumerate(valid, 1):
+            w.writerow(dict(epoch=e, lr=1e-3, train_loss=1.0, train_acc=0.5, valid_loss=1.1, valid_acc=va,
+                            seconds=1.0, images_per_s=900.0, status="ok"))
+        put(f"{rel}/history.csv", buf.getvalue())
+        if acc is None:
+            put(f"{rel}/error.txt", "Traceback ...\nRuntimeError: boom\n")
+            return d
+        result = TrialResult(trial_id=cfg.trial_id, status="completed", epochs_completed=3, best_valid_acc=acc - 0.01,
+                             best_epoch=2, test_loss=0.9, test_acc=acc, wall_s=12.5)
+        put(f"{rel}/result.json", json.dumps(asdict(result), indent=2))
+        _h5(d / "features.h5")
+        if cfg.trial_id != NOT_INTERPRETED:
+            summary = {"test_acc": acc, "ece": 0.05, "ari": ARI(acc), "nmi": 0.4, "purity": 0.6,
+                       "deletion_auc": 0.2, "insertion_auc": 0.7, "deletion_auc_random": 0.3}  # no sanity_rho
+            put(f"{rel}/interpret/metrics.json",
+                json.dumps({"schema": "vgg-xai/interpret/1", "trial_id": cfg.trial_id, "summary": summary}))
+            for name in ("curves", "cam"):
+                _png(d / "interpret" / f"{name}.png")
+                small.add(f"{rel}/interpret/{name}.png")
+            _h5(d / "interpret" / "arrays.h5")
+            (d / "interpret" / ".lock").touch()
+        return d
+
+    for (variant, schedule), accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            trial(TrialConfig(variant=variant, lr_schedule=schedule, seed=seed, width=0.125, epochs=3,
+                              data="/c.h5"), acc)
+    trial(FAILED, None)
+    put("spec.yaml", "name: seed\n")
+    put("report.html", "<html><body>report</body></html>\n")
+    write_tables(sweep)
+    small |= {f"tables/accuracy.{ext}" for ext in ("csv", "md", "json")}
+    (sweep / "tables" / ".accuracy.csv.tmp77").write_text("partial")
+    for rel in ("figures/accuracy.png", "figures/grids/cam_grid.png"):
+        _png(sweep / rel)
+        small.add(rel)
+    (sweep / "ray" / "experiment").mkdir(parents=True)
+    (sweep / "ray" / "experiment" / "experiment_state.json").write_text("{}")
+    return sweep, small
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    return make_sweep(tmp_path_factory.mktemp("results"))[0]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["results", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _expected(values: dict[tuple[str, str], list[float]]) -> dict[tuple[str, str], tuple[float, float, int]]:
+    return {k: (float(np.mean(v)), float(np.std(v, ddof=1)), len(v)) for k, v in values.items()}
+
+
+def test_csv_reads_back_to_the_trials_numbers(sweep, capsys):
+    rc, out, err = run(capsys, sweep, "--format", "csv")
+    assert rc == 0, err
+    lines = list(csv.DictReader(io.StringIO(out)))
+    assert list(lines[0]) == ["variant", "schedule", "metric", "mean", "std", "n", "of"]
+    want = _expected(ACC)
+    assert {(r["variant"], r["schedule"]) for r in lines} == set(want)
+    cells = pivot(collect_rows(sweep))["cells"]
+    for r in lines:
+        mean, std, n = want[(r["variant"], r["schedule"])]
+        assert r["metric"] == "test_acc" and int(r["n"]) == n
+        assert float(r["mean"]) == pytest.approx(mean, rel=1e-14) and float(r["std"]) == pytest.approx(std, rel=1e-12)
+        cell = cells[f"{r['variant']}|{r['schedule']}"]
+        assert (float(r["mean"]), float(r["std"])) == (cell["mean"], cell["std"])  # full precision, no rounding
+    failed_cell = next(r for r in lines if (r["variant"], r["schedule"]) == ("plain", "alternate"))
+    assert (failed_cell["n"], failed_cell["of"]) == ("2", "3")
+
+
+def test_json_reads_back_to_the_same_numbers_as_csv(sweep, capsys):
+    _, out_csv, _ = run(capsys, sweep, "--format", "csv")
+    rc, out, err = run(capsys, sweep, "--format", "json")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["pivot"] == pivot(collect_rows(sweep))
+    for r in csv.DictReader(io.StringIO(out_csv)):
+        cell = data["pivot"]["cells"][f"{r['variant']}|{r['schedule']}"]
+        assert cell["mean"] == float(r["mean"]) and cell["std"] == float(r["std"]) and cell["n"] == int(r["n"])
+    rows = {r["trial_id"]: r for r in data["rows"]}
+    assert len(rows) == 9 and list(rows["plain-lr1e-3-s0"]) == ROW_COLUMNS
+    assert rows["plain-lr1e-3-s0"]["test_acc"] == 0.61 and rows["plain-lr1e-3-s0"]["ari"] == ARI(0.61)
+    assert rows[FAILED.trial_id]["status"] == "failed" and rows[FAILED.trial_id]["test_acc"] is None
+    assert rows[NOT_INTERPRETED]["ari"] is None and rows["plain-lr1e-3-s0"]["sanity_rho"] is None
+
+
+def test_latex_is_a_booktabs_tabular_of_every_cell(sweep, capsys):
+    rc, out, err = run(capsys, sweep, "--format", "latex")
+    assert rc == 0, err
+    for piece in ("\\begin{tabular}{lcc}", "\\toprule", "\\midrule", "\\bottomrule", "\\end{tabular}",
+                  "const\\_1e-3", "bn\\_augment & ", "$\\pm$"):
+        assert piece in out
+    assert "bn_augment" not in out.replace("bn\\_augment", "")
+    for mean, std, _ in _expected(ACC).values():
+        assert f"{mean:.4f} $\\pm$ {std:.4f}" in out
+
+
+def test_default_table_and_markdown(sweep, capsys):
+    rc, out, _ = run(capsys, sweep)
+    assert rc == 0 and out.startswith("test_acc: mean ± std over seeds")
+    assert "bn_augment" in out and "alternate" in out and "(2/3)" in out
+    rc, out, _ = run(capsys, sweep, "--format", "md")
+    assert rc == 0 and "| variant | const_1e-3 | alternate |" in out and "| plain |" in out
+
+
+def test_metric_ari_pivots_the_interpretation_metrics(sweep, capsys):
+    rc, out, err = run(capsys, sweep, "--format", "csv", "--metric", "ari")
+    assert rc == 0, err
+    ari = {k: [ARI(a) for s, a in enumerate(v) if f"{k[0]}-{'lr1e-3' if k[1] == 'const_1e-3' else 'lralt'}-s{s}"
+               != NOT_INTERPRETED] for k, v in ACC.items()}
+    for r in csv.DictReader(io.StringIO(out)):
+        vals = ari[(r["variant"], r["schedule"])]
+        assert r["metric"] == "ari" and int(r["n"]) == len(vals)
+        assert float(r["mean"]) == pytest.approx(np.mean(vals), rel=1e-14)
+        assert float(r["std"]) == pytest.approx(np.std(vals, ddof=1) if len(vals) > 1 else 0.0, abs=1e-15)
+    rc, out, _ = run(capsys, sweep, "--format", "csv", "--metric", "sanity_rho")  # no trial has it
+    assert rc == 0 and all(r["mean"] == "" and r["n"] == "0" for r in csv.DictReader(io.StringIO(out)))
+
+
+def test_tables_hold_the_interpretation_columns_and_pivots(tmp_path):
+    sweep, _ = make_sweep(tmp_path)
+    header = (sweep / "tables" / "accuracy.csv").read_text().splitlines()[0].split(",")
+    assert header == ROW_COLUMNS and header[header.index("test_acc") + 1:-1] == INTERPRET_METRICS
+    md = (sweep / "tables" / "accuracy.md").read_text()
+    assert "## Interpretation metrics" in md
+    for m in INTERPRET_METRICS:
+        assert (f"### {m}\n" in md) == (m != "sanity_rho")  # only metrics some trial has
+    saved = json.loads((sweep / "tables" / "accuracy.json").read_text())
+    assert saved["rows"] == json_rows(collect_rows(sweep)) and saved["pivot"]["metric"] == "test_acc"
+
+
+def test_without_trials_it_reads_tables_accuracy_json(sweep, tmp_path, capsys):
+    copy = tmp_path / "seed"
+    shutil.copytree(sweep / "tables", copy / "tables")
+    for metric in ("test_acc", "ari"):
+        _, want, _ = run(capsys, sweep, "--format", "json", "--metric", metric)
+        rc, got, err = run(capsys, copy, "--format", "json", "--metric", metric)
+        assert rc == 0, err
+        assert json.loads(got)["pivot"] == json.loads(want)["pivot"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["{sweep}", "--metric", "accuracy"], "metric: 'accuracy' is not one of test_acc, best_valid_acc"),
+    (["{tmp}"], "not a sweep folder (no trials/ or tables/accuracy.json); pass results/<sweep>"),
+    (["{tmp}/nowhere"], "not a sweep folder"),
+    (["{sweep}", "extra"], "to copy from a cluster use `vgg-xai results pull SRC DEST`"),
+    (["pull", "{sweep}"], "results pull: expected SRC DEST"),
+    (["pull", "{sweep}", "{tmp}/d", "--format", "csv"], "--format and --metric are for reading a folder"),
+    (["pull", "{tmp}/nowhere", "{tmp}/d"], "no such folder"),
+    (["pull", "{tmp}", "{tmp}/d"], "not a sweep folder (no trials/, tables/ or spec.yaml)"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, sweep, tmp_path, capsys):
+    rc, out, err = run(capsys, *[a.format(sweep=sweep, tmp=tmp_path) for a in argv])
+    assert rc == 2 and out == ""
+    assert err.startswith("vgg-xai: error: ") and message in err and len(err.strip().splitlines()) == 1
+    if "accuracy" in argv:
+        assert "ari, nmi, purity, ece, deletion_auc, insertion_auc, sanity_rho" in err
+
+
+def test_unknown_format_is_refused_by_argparse(sweep, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["results", str(sweep), "--format", "xlsx"])
+    assert e.value.code == 2 and "invalid choice: 'xlsx'" in capsys.readouterr().err
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_pull_copies_exactly_the_small_files_and_twice_is_fine(tmp_path, capsys):
+    sweep, small = make_sweep(tmp_path / "cluster")
+    dest = tmp_path / "laptop" / "results" / "seed"
+    rc, out, err = run(capsys, "pull", sweep, dest)
+    assert rc == 0, err
+    got = _files(dest)
+    assert got == small
+    assert not [f for f in got if f.endswith((".pt", ".h5")) or "/." in f or f.startswith(("ray", "."))]
+    assert f"copied {len(small)} files (" in out
+    rc, out, err = run(capsys, "pull", str(sweep) + "/", dest)  # again: nothing new, nothing removed
+    assert rc == 0, err
+    assert "up to date (0 files copied)" in out and _files(dest) == small
+    # the copy reads back the same as the sweep folder
+    _, a, _ = run(capsys, sweep, "--format", "json", "--metric", "ari")
+    _, b, _ = run(capsys, dest, "--format", "json", "--metric", "ari")
+    assert json.loads(a) == json.loads(b)
+
+
+def test_pull_filters_exclude_heavy_files_before_any_include():
+    rules = pull_filters()
+    first_include = next(i for i, r in enumerate(rules) if r.startswith("+"))
+    assert {"- *.pt", "- *.h5", "- ray/"} <= set(rules[:first_include])
+    assert rules[-1] == "- *" and "+ /trials/*/interpret/metrics.json" in rules
+
+
+def test_pull_without_rsync_says_to_install_it(sweep, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    rc, _, err = run(capsys, "pull", sweep, tmp_path / "d")
+    assert rc == 2 and "install rsync" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pull_reports_rsyncs_error(sweep, tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "bin" / "rsync"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'ssh: connect to host gpu01 port 22: Connection refused' >&2\n"
+                    "echo 'rsync error: unexplained error (code 255) at io.c(232)' >&2\nexit 255\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    rc, _, err = run(capsys, "pull", "gpu01:/scratch/me/results/seed", tmp_path / "d")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "exit 255" in err and "Connection refused" in err and "rsync error: unexplained error" in err
+
+
+def test_end_to_end_as_a_user_runs_it(sweep):
+    r = subprocess.run([sys.executable, "-m", "vgg_xai.cli", "results", str(sweep), "--format", "json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["pivot"] == pivot(collect_rows(sweep))
