@@ -91,6 +91,8 @@ def make_sweep(root: Path) -> tuple[Path, set[str]]:
                 small.add(f"{rel}/interpret/{name}.png")
             _h5(d / "interpret" / "arrays.h5")
             (d / "interpret" / ".lock").touch()
+        else:  # post-processing failed on this trial: its error is pulled too
+            put(f"{rel}/interpret/error.txt", "Traceback ...\nValueError: bad checkpoint\n")
         return d
 
     for (variant, schedule), accs in ACC.items():

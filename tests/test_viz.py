@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
+import matplotlib
 import matplotlib.image as mpimg
 import matplotlib.pyplot as plt
 import numpy as np
@@ -40,6 +43,55 @@ def hist(scale: float) -> dict[str, np.ndarray]:
 
 def image_axes(fig: Figure) -> list:
     return [ax for ax in fig.axes if ax.images and ax.get_visible()]
+
+
+def mosaic_axes(fig: Figure):
+    """The one Axes of an image-grid figure: every tile is in its single image."""
+    (ax,) = image_axes(fig)
+    assert len(ax.images) == 1
+    return ax
+
+
+def texts(labels) -> list[str]:
+    return [t.get_text() for t in labels]
+
+
+def cut(ax, xs=None, ys=None) -> list[list[np.ndarray]]:
+    """The mosaic on ``ax`` cut into its square tiles, centred at ``xs`` (columns) and ``ys`` (rows),
+    by default the tick positions. The first tile starts at pixel 0, which gives the tile size."""
+    m = ax.images[0].get_array()
+    xs = ax.get_xticks() if xs is None else np.asarray(xs)
+    ys = ax.get_yticks() if ys is None else np.asarray(ys)
+    t = int(round(2 * xs[0] + 1))
+    assert t > 1 and round(2 * ys[0] + 1) == t
+    corner = lambda c: int(round(c - (t - 1) / 2))  # noqa: E731
+    tiles = [[m[corner(y):corner(y) + t, corner(x):corner(x) + t] for x in xs] for y in ys]
+    assert all(tile.shape[:2] == (t, t) for row in tiles for tile in row)
+    return tiles
+
+
+def as_tile(rgb: np.ndarray, t: int) -> np.ndarray:
+    """What a tile of ``t`` pixels shows for float RGB ``rgb``: each pixel repeated, as 8 bits."""
+    k = t // rgb.shape[0]
+    assert k * rgb.shape[0] == t and k * rgb.shape[1] == t  # an integer zoom
+    return np.round(np.clip(rgb, 0, 1) * 255).astype(int).repeat(k, axis=0).repeat(k, axis=1)
+
+
+def viridis(m: np.ndarray) -> np.ndarray:
+    return matplotlib.colormaps["viridis"](m)[..., :3]
+
+
+def own_range(m: np.ndarray) -> np.ndarray:
+    return (m - m.min()) / np.ptp(m)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """The map drawn in jet at alpha 0.5 over the image."""
+    return 0.5 * image / 255 + 0.5 * matplotlib.colormaps["jet"](cam)[..., :3]
+
+
+def white(tile: np.ndarray) -> bool:
+    return bool((tile == 255).all())
 
 
 def legend_texts(legend) -> list[str]:
@@ -154,9 +206,11 @@ def test_save_releases_figures(tmp_path):
         else:
             fig = viz.valid_curves({"a": history()}, {"a": "plain"})
         viz.save(fig, tmp_path / f"{i}.png")
-        drawn.append(fig)
+        drawn.append(weakref.ref(fig))
+    del fig
+    gc.collect()
     assert plt.get_fignums() == before
-    assert all(not f.axes for f in drawn)
+    assert all(ref() is None for ref in drawn)  # nothing (pyplot included) keeps a saved figure alive
     assert len(list(tmp_path.glob("*.png"))) == 20
 
 
@@ -217,39 +271,85 @@ def test_feature_maps_caps_rows_and_channels_and_normalizes_each_map():
     p, c = 8, 16
     maps = rng().normal(5, 3, (p, c, 4, 4))
     labels = np.arange(p) % 10
-    fig = viz.feature_maps(images(p), maps, maps * 10, "conv1", CLASSES, labels)
-    axes = image_axes(fig)
-    assert len(axes) == 6 * (1 + 2 * 8)
-    assert [ax.get_ylabel() for ax in axes[::17]] == CLASSES[:6]
-    shown = axes[1].images[0].get_array()
-    assert shown.min() == 0 and shown.max() == 1
-    np.testing.assert_allclose(shown, (maps[0, 0] - maps[0, 0].min()) / np.ptp(maps[0, 0]))
-    np.testing.assert_allclose(axes[9].images[0].get_array(), shown)  # trained map of 10x the scale
+    imgs = images(p)
+    fig = viz.feature_maps(imgs, maps, maps * 10, "conv1", CLASSES, labels)
+    ax = mosaic_axes(fig)
+    assert texts(ax.get_yticklabels()) == CLASSES[:6]  # 6 rows
+    assert texts(ax.get_xticklabels()) == ["image"] + [f"ch {k}" for k in range(8)] * 2
+    xs = ax.get_xticks()
+    headers = {t.get_text(): t.xy[0] for t in ax.texts}
+    assert xs[1] < headers["untrained"] < xs[8] < xs[9] < headers["trained"] < xs[16]
+    grid = cut(ax)
+    t = grid[0][0].shape[0]
+    np.testing.assert_array_equal(grid[2][0], as_tile(imgs[2] / 255, t))
+    shown = grid[0][1]
+    np.testing.assert_allclose(shown, as_tile(viridis(own_range(maps[0, 0])), t), atol=1)
+    assert {tuple(shown[i, j]) for i, j in ((0, 0), (-1, -1))} != {tuple(shown[0, 0])}  # not one flat colour
+    np.testing.assert_array_equal(grid[0][9], shown)  # trained map of 10x the scale
+    np.testing.assert_allclose(grid[5][8], as_tile(viridis(own_range(maps[5, 7])), t), atol=1)
+    np.testing.assert_allclose(grid[5][16], as_tile(viridis(own_range(maps[5, 7])), t), atol=1)
 
 
 def test_through_layers_one_row_per_layer():
     maps = {"conv1": rng().random((16, 8, 8)), "conv2": rng().random((4, 4, 4)), "conv3": rng().random((16, 2, 2))}
-    fig = viz.through_layers(images(1)[0], maps)
-    axes = image_axes(fig)
-    assert len(axes) == 1 + 8 + 4 + 8
-    assert axes[0].get_title() == "input" and axes[0].images[0].get_array().shape == (8, 8, 3)
-    labels = [t.get_text().split("\n")[0] for ax in fig.axes for t in ax.texts]
-    assert labels == ["conv1", "conv2", "conv3"]
+    image = images(1)[0]
+    fig = viz.through_layers(image, maps)
+    ax = mosaic_axes(fig)
+    assert texts(ax.get_yticklabels()) == ["input", "conv1\n8x8", "conv2\n4x4", "conv3\n2x2"]
+    assert texts(ax.texts) == [f"ch {k}" for k in range(8)]
+    ys = ax.get_yticks()
+    assert all(ys[0] < t.get_position()[1] < ys[1] for t in ax.texts)  # between the image and the layers
+    grid = cut(ax, [t.get_position()[0] for t in ax.texts], ys)
+    t = grid[0][0].shape[0]
+    np.testing.assert_array_equal(grid[0][0], as_tile(image / 255, t))
+    assert all(white(tile) for tile in grid[0][1:])  # the image alone in its row
+    np.testing.assert_allclose(grid[1][7], as_tile(viridis(own_range(maps["conv1"][7])), t), atol=1)
+    np.testing.assert_allclose(grid[2][3], as_tile(viridis(own_range(maps["conv2"][3])), t), atol=1)
+    assert all(white(tile) for tile in grid[2][4:])  # conv2 has 4 channels
+    np.testing.assert_allclose(grid[3][0], as_tile(viridis(own_range(maps["conv3"][0])), t), atol=1)
 
 
 def test_cam_overlays_rows_titles_and_overlay():
     maps = {"gradcam": rng().random((3, 8, 8)), "hirescam": rng().random((3, 8, 8))}
-    fig = viz.cam_overlays(images(3), maps, np.array([3, 5, 1]), np.array([5, 5, 1]), CLASSES)
-    axes = image_axes(fig)
-    assert len(axes) == 3 * 3
-    assert [axes[j].get_title() for j in range(3)] == ["image", "gradcam", "hirescam"]
-    first = axes[0]
-    assert first.get_ylabel() == "true: cat\npred: dog"
-    assert first.yaxis.label.get_color() == "tab:red"  # a wrong prediction
-    assert axes[3].yaxis.label.get_color() == "black"
-    under, over = axes[2].images
-    assert over.get_cmap().name == "jet" and over.get_alpha() == 0.5
-    np.testing.assert_allclose(over.get_array(), maps["hirescam"][0])
+    imgs = images(3)
+    fig = viz.cam_overlays(imgs, maps, np.array([3, 5, 1]), np.array([5, 5, 1]), CLASSES)
+    ax = mosaic_axes(fig)
+    assert texts(ax.get_xticklabels()) == ["image", "gradcam", "hirescam"]
+    rows = ax.get_yticklabels()
+    assert texts(rows) == ["true: cat\npred: dog", "true: dog\npred: dog", "true: automobile\npred: automobile"]
+    assert [t.get_color() for t in rows] == ["tab:red", "black", "black"]  # red: a wrong prediction
+    grid = cut(ax)
+    assert len(grid) == 3 and all(len(row) == 3 for row in grid)
+    t = grid[0][0].shape[0]
+    np.testing.assert_array_equal(grid[1][0], as_tile(imgs[1] / 255, t))
+    np.testing.assert_allclose(grid[0][2], as_tile(overlay(imgs[0], maps["hirescam"][0]), t), atol=1)
+    np.testing.assert_allclose(grid[2][1], as_tile(overlay(imgs[2], maps["gradcam"][2]), t), atol=1)
+
+
+def test_cam_overlay_stretches_a_coarser_map_and_leaves_nan_bare():
+    cam = rng().random((1, 4, 4))
+    cam[0, 0, 0] = np.nan
+    img = images(1)
+    ax = mosaic_axes(viz.cam_overlays(img, {"cam": cam}, np.array([0]), np.array([0]), CLASSES))
+    ((image_tile, cam_tile),) = cut(ax)
+    t = image_tile.shape[0]
+    stretched = cam[0].repeat(2, axis=0).repeat(2, axis=1)  # 4x4 over the 8x8 image
+    expected = overlay(img[0], np.nan_to_num(stretched))
+    expected[:2, :2] = img[0, :2, :2] / 255  # no colour where the map is NaN
+    np.testing.assert_allclose(cam_tile, as_tile(expected, t), atol=1)
+
+
+def test_mosaic_pixels_are_png_pixels(tmp_path):
+    fig = viz.cam_overlays(images(2), {"gradcam": rng().random((2, 8, 8))}, np.array([0, 1]), np.array([0, 1]),
+                           CLASSES)
+    ax = mosaic_axes(fig)
+    mosaic = ax.images[0].get_array()
+    w, h = fig.get_size_inches() * 100
+    box = ax.get_position()
+    x0, y0 = round(box.x0 * w), round((1 - box.y1) * h)
+    png = mpimg.imread(viz.save(fig, tmp_path / "cam.png"))
+    shown = np.round(png[y0:y0 + mosaic.shape[0], x0:x0 + mosaic.shape[1], :3] * 255)
+    np.testing.assert_array_equal(shown, mosaic)  # drawn 1:1: sharp tiles, no resampling
 
 
 def test_faithfulness_auc_in_legend():
@@ -270,13 +370,27 @@ def test_faithfulness_auc_in_legend():
 def test_sanity_curve_and_strip():
     layers = ["classifier", "head.2", "conv2", "conv1"]
     maps = rng().random((5, 8, 8))
-    fig = viz.sanity(layers, np.array([0.9, 0.6, 0.3, 0.0]), maps, images(1)[0])
+    image = images(1)[0]
+    fig = viz.sanity(layers, np.array([0.9, 0.6, 0.3, 0.0]), maps, image)
     curve = next(ax for ax in fig.axes if ax.lines and not ax.images)
     assert [t.get_text() for t in curve.get_xticklabels()] == layers
     assert curve.get_ylim() == (-0.2, 1.05)
-    strip = image_axes(fig)
-    assert [ax.get_title() for ax in strip] == ["image", "trained", "to classifier", "to head.2", "to conv2",
-                                                "to conv1"]
+    strip = mosaic_axes(fig)
+    titles = ["image", "trained", "to classifier", "to head.2", "to conv2", "to conv1"]
+    assert texts(strip.texts) == titles
+    xs, ys = zip(*(t.get_position() for t in strip.texts))
+    assert len(set(ys)) == 1 and ys[0] < -0.5  # 6 maps: one row, the titles above its top edge
+    (tiles,) = cut(strip, xs, [xs[0]])  # the first tile's top left corner is the mosaic's
+    t = tiles[0].shape[0]
+    np.testing.assert_array_equal(tiles[0], as_tile(image / 255, t))
+    for k in range(5):
+        np.testing.assert_allclose(tiles[1 + k], as_tile(viridis(own_range(maps[k])), t), atol=1)
+
+
+def test_sanity_keeps_a_strongly_negative_correlation_in_view():
+    fig = viz.sanity(["fc", "conv1"], np.array([-0.6, 0.2]), rng().random((3, 8, 8)), images(1)[0])
+    curve = next(ax for ax in fig.axes if ax.lines and not ax.images)
+    assert curve.get_ylim()[0] < -0.6 and curve.get_ylim()[1] == 1.05
 
 
 def test_tsne_gmm_two_panels_with_labels_and_scores():
@@ -348,19 +462,32 @@ def test_valid_curves_one_colour_per_variant_and_nan_skipped():
 def test_cam_grid_has_an_image_column_per_trial_plus_one():
     t, p = 3, 2
     ids = [f"bn-lr1e-3-s{i}" for i in range(t)]
-    fig = viz.cam_grid(images(p), rng().random((t, p, 8, 8)), ids, CLASSES, np.array([2, 9]))
-    axes = image_axes(fig)
-    columns = sorted({round(ax.get_position().x0, 4) for ax in axes})
-    assert len(columns) == t + 1 and len(axes) == p * (t + 1)
-    assert [ax.get_title() for ax in axes[1:t + 1]] == ids
-    assert [axes[i * (t + 1)].get_ylabel() for i in range(p)] == ["bird", "truck"]
+    imgs = images(p)
+    maps = rng().random((t, p, 8, 8))
+    fig = viz.cam_grid(imgs, maps, ids, CLASSES, np.array([2, 9]))
+    ax = mosaic_axes(fig)
+    assert texts(ax.get_xticklabels()) == ["image"] + ids
+    assert texts(ax.get_yticklabels()) == ["bird", "truck"]
+    grid = cut(ax)
+    tile = grid[0][0].shape[0]
+    # The mosaic is exactly p rows of t + 1 tiles: nothing else in it.
+    mosaic = ax.images[0].get_array()
+    assert mosaic.shape[1] == round(ax.get_xticks()[-1] + (tile + 1) / 2) and ax.get_xticks()[0] == (tile - 1) / 2
+    assert mosaic.shape[0] == round(ax.get_yticks()[-1] + (tile + 1) / 2) and ax.get_yticks()[0] == (tile - 1) / 2
+    for i in range(p):
+        np.testing.assert_array_equal(grid[i][0], as_tile(imgs[i] / 255, tile))
+        for j in range(t):
+            np.testing.assert_allclose(grid[i][1 + j], as_tile(overlay(imgs[i], maps[j, i]), tile), atol=1)
 
 
 def test_cam_grid_stays_a_sane_size_for_many_trials():
     t = 40
     fig = viz.cam_grid(images(1), rng().random((t, 1, 8, 8)), [f"t{i}" for i in range(t)], CLASSES, np.array([0]))
-    assert len({round(ax.get_position().x0, 4) for ax in image_axes(fig)}) == t + 1
-    assert fig.get_size_inches()[0] <= viz.MAX_WIDTH + 1e-9
+    ax = mosaic_axes(fig)
+    assert len(ax.get_xticks()) == t + 1
+    w = fig.get_size_inches()[0]
+    assert w <= viz.MAX_WIDTH + 1e-9
+    assert ax.get_position().width * w / (t + 1) >= 0.4  # each column still about half an inch wide
 
 
 def test_tsne_grid_one_panel_per_trial_and_shared_legend():

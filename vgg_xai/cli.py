@@ -106,8 +106,46 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a submitted sweep's SLURM jobs")
     cancel.add_argument("sweep_dir", type=Path, help="the sweep's results folder, e.g. results/seed")
 
-    post = sub.add_parser("postprocess", help="aggregate a sweep folder's tables (idempotent)")
+    post = sub.add_parser(
+        "postprocess", help="interpret every finished trial; write tables, figures and report.html",
+        description="Run the interpretation suite on each completed trial of a sweep folder (filters, "
+                    "feature maps, CAMs, faithfulness, the randomization check, t-SNE, GMM, calibration), "
+                    "trials in parallel on Ray, then write tables/, figures/ and report.html. Idempotent: "
+                    "trials whose outputs are newer than their checkpoint are skipped; safe to run twice at once.")
     post.add_argument("sweep_dir", type=Path, help="the sweep's results folder, e.g. results/seed")
+    post.add_argument("--workers", type=int, help="trials interpreted at once (default: the CPUs available)")
+    post.add_argument("--address", help="use a running Ray cluster ('auto' or HOST:PORT) instead of starting one")
+    post.add_argument("--force", action="store_true", help="interpret every trial again, even when up to date")
+    post.add_argument("--tables-only", action="store_true", help="only aggregate the tables (seconds)")
+
+    res = sub.add_parser(
+        "results", help="print a sweep folder's results table, or pull one from a cluster",
+        usage="vgg-xai results SWEEP_DIR [--format {table,md,csv,json,latex}] [--metric METRIC]\n"
+              "       vgg-xai results pull SRC DEST",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Two forms:\n\n"
+                    "  vgg-xai results SWEEP_DIR    print the variant x schedule pivot of a metric (mean ± std\n"
+                    "                               over seeds) of a local sweep folder, read from its trial\n"
+                    "                               folders (or, without trials/, its tables/accuracy.json)\n"
+                    "  vgg-xai results pull SRC DEST\n"
+                    "                               copy a sweep folder's spec, tables, figures, report and\n"
+                    "                               per-trial metrics (never checkpoints or feature dumps)\n"
+                    "                               with rsync; SRC is HOST:PATH (over ssh) or a local folder",
+        epilog="examples:\n"
+               "  vgg-xai results results/seed\n"
+               "  vgg-xai results results/seed --format latex --metric ari\n"
+               "  vgg-xai results pull HOST:/scratch/me/results/seed ./results/seed\n"
+               "(a local folder named pull: write ./pull)")
+    res.add_argument("target", metavar="SWEEP_DIR|pull", help="a sweep's results folder, e.g. results/seed; "
+                                                              "or the word pull")
+    res.add_argument("paths", nargs="*", metavar="SRC DEST", help="pull only: where from and where to")
+    res.add_argument("--format", choices=("table", "md", "csv", "json", "latex"), default=None,
+                     help="table (default: for the terminal), md, csv (long form: variant,schedule,metric,mean,"
+                          "std,n,of), json (the pivot and the rows) or latex (a booktabs tabular)")
+    res.add_argument("--metric", default=None,
+                     help="the column to pivot: test_acc (default), best_valid_acc, best_epoch, epochs, wall_s, "
+                          "or an interpretation metric: ari, nmi, purity, ece, deletion_auc, insertion_auc, "
+                          "sanity_rho")
     return parser
 
 
@@ -153,7 +191,35 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
     from .postprocess import postprocess
     from .results import format_pivot
 
-    print(format_pivot(postprocess(args.sweep_dir)))
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers: must be >= 1, got {args.workers}")
+    s = postprocess(args.sweep_dir, workers=args.workers, address=args.address, force=args.force,
+                    tables_only=args.tables_only)
+    print(format_pivot(s.pivot))
+    if not args.tables_only:
+        print(f"\ninterpreted {len(s.done)} trials, {len(s.skipped)} up to date; report: {s.report}")
+    for t, e in s.failed.items():
+        print(f"interpretation failed: {t}: {e} (see {args.sweep_dir}/trials/{t}/interpret/error.txt)",
+              file=sys.stderr)
+    return 1 if s.failed else 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from .results import load_rows, pull, pull_summary, render
+
+    if args.target == "pull":
+        if len(args.paths) != 2:
+            raise UserError("results pull: expected SRC DEST, e.g. "
+                            "`vgg-xai results pull HOST:/scratch/me/results/seed results/seed`")
+        if args.format is not None or args.metric is not None:
+            raise UserError("results pull: --format and --metric are for reading a folder; "
+                            "pull first, then run `vgg-xai results DEST --format ...`")
+        print(pull_summary(pull(*args.paths)))
+        return 0
+    if args.paths:
+        raise UserError(f"results: unexpected argument(s) {' '.join(args.paths)}; "
+                        "to copy from a cluster use `vgg-xai results pull SRC DEST`")
+    sys.stdout.write(render(load_rows(args.target), args.metric or "test_acc", args.format or "table"))
     return 0
 
 
@@ -214,7 +280,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"data": _cmd_prepare, "train": _cmd_train, "sweep": _cmd_sweep, "submit": _cmd_submit,
-            "status": _cmd_status, "cancel": _cmd_cancel, "postprocess": _cmd_postprocess}
+            "status": _cmd_status, "cancel": _cmd_cancel, "postprocess": _cmd_postprocess,
+            "results": _cmd_results}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

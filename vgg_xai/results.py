@@ -255,7 +255,7 @@ def write_tables(sweep_dir: str | Path, metric: str = "test_acc") -> dict[str, A
 # What `pull` copies, relative to the sweep folder: the small files only.
 PULL_FILES = ["spec.yaml", "report.html", "tables/**", "figures/**"]
 PULL_TRIAL_FILES = ["config.json", "result.json", "history.csv", "attempts.jsonl", "error.txt",
-                    "interpret/metrics.json", "interpret/*.png"]
+                    "interpret/metrics.json", "interpret/error.txt", "interpret/*.png"]
 
 
 def pull_filters() -> list[str]:

@@ -29,6 +29,8 @@ CAM_CMAP = "jet"
 CAM_ALPHA = 0.5
 MAX_WIDTH = 24.0   # inches; only the many-trial grids get near it
 MAX_HEIGHT = 18.0
+GUTTER = 2         # white pixels between the tiles of an image mosaic
+PNG_COMPRESS = 6   # zlib level of the PNGs (PIL's default)
 
 
 def save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
@@ -39,10 +41,13 @@ def save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     path = Path(path)
     try:
         # The temporary name ends in ".tmpPID", so the format cannot come from the suffix.
-        atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+        atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi,
+                                                         pil_kwargs={"compress_level": PNG_COMPRESS}))
     finally:
-        plt.close(fig)  # a no-op unless the caller made the figure with pyplot
-        fig.clear()
+        # pyplot keeps the figures it made until closed (for any other Figure this is a cheap no-op);
+        # a Figure made here is freed with its last reference. No fig.clear(): clearing rebuilds
+        # every Axes' ticks, which cost as much as drawing them.
+        plt.close(fig)
     return path
 
 
@@ -51,10 +56,9 @@ def save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
 
 def curves(history: dict[str, np.ndarray]) -> Figure:
     """Loss and accuracy vs epoch, train and valid; non-finite points (a diverged epoch) are left out."""
-    fig = _figure(10, 4)
-    axes = fig.subplots(1, 2)
+    fig, axes = _figure(10, 4, 1, 2, wspace=0.8)
     epoch = np.asarray(history["epoch"], dtype=float)
-    for ax, what in zip(axes, ("loss", "acc")):
+    for ax, what in zip(axes[0], ("loss", "acc")):
         for split, style in (("train", "o-"), ("valid", "s--")):
             y = np.asarray(history[f"{split}_{what}"], dtype=float)
             ok = np.isfinite(y) & np.isfinite(epoch)
@@ -74,8 +78,9 @@ def bn_histograms(hists: dict[str, dict]) -> Figure:
     n = len(hists)
     ncols = min(4, n)
     nrows = math.ceil(n / ncols)
-    fig = _figure(3 * ncols, 2.4 * nrows + 0.4)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig, axes = _figure(3 * ncols, 2.4 * nrows + 0.4, nrows, ncols, left=0.65, right=0.15, top=0.7, bottom=0.5,
+                        wspace=0.7, hspace=0.75)
+    axes = axes.ravel()
     for ax, (name, h) in zip(axes, hists.items()):
         for key, colour in (("before", "tab:blue"), ("after", "tab:orange")):
             # A log axis cannot show 0: empty bins are drawn at 0.5, the bottom of the axis.
@@ -89,28 +94,28 @@ def bn_histograms(hists: dict[str, dict]) -> Figure:
     for ax in axes[n:]:
         ax.remove()
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper right", ncols=2)
-    fig.suptitle("activations before and after BatchNorm")
+    fig.legend(handles, labels, loc="upper right", ncols=2, bbox_to_anchor=(1, 1 - 0.02 / fig.get_figheight()))
+    fig.suptitle("activations before and after BatchNorm", y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig
 
 
 def filters_rgb(init_rgb: np.ndarray, trained_rgb: np.ndarray) -> Figure:
     """First-layer filters (out, kh, kw, 3) in [0, 1] as RGB patches, untrained beside trained."""
-    fig = _figure(10, 5.4)
-    for ax, w, title in zip(fig.subplots(1, 2), (init_rgb, trained_rgb), ("untrained", "trained")):
+    fig, axes = _figure(10, 5.4, 1, 2, left=0.2, right=0.2, top=0.75, bottom=0.2, wspace=0.4)
+    for ax, w, title in zip(axes[0], (init_rgb, trained_rgb), ("untrained", "trained")):
         w = np.clip(np.asarray(w, dtype=float), 0, 1)
         ax.imshow(_tile(w, ncols=math.ceil(math.sqrt(len(w))), fill=1.0), interpolation="nearest")
         ax.set_title(f"{title} ({len(w)} filters, {w.shape[1]}x{w.shape[2]})")
         _bare(ax)
-    fig.suptitle("first conv layer filters (RGB)")
+    fig.suptitle("first conv layer filters (RGB)", y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig
 
 
 def filter_grid(init_w: np.ndarray, trained_w: np.ndarray, layer: str) -> Figure:
     """Conv weights (out, in, kh, kw): rows = output filters, columns = input channels, one
     kh x kw patch per cell; untrained beside trained, each side on its own scale symmetric about 0."""
-    fig = _figure(12, 6)
-    for ax, w, title in zip(fig.subplots(1, 2), (init_w, trained_w), ("untrained", "trained")):
+    fig, axes = _figure(12, 6, 1, 2, left=0.7, right=0.25, top=0.4, bottom=0.65, wspace=0.9)
+    for ax, w, title in zip(axes[0], (init_w, trained_w), ("untrained", "trained")):
         w = np.asarray(w, dtype=float)
         n_out, n_in, kh, kw = w.shape
         # One mosaic image per side: (out, in) cells separated by NaN lines shown as background.
@@ -133,39 +138,34 @@ def feature_maps(images: np.ndarray, init_maps: np.ndarray, trained_maps: np.nda
     the untrained and in the trained model; each map scaled to its own range."""
     p = min(6, len(images))
     c = min(8, init_maps.shape[1], trained_maps.shape[1])
-    fig, axes = _image_grid(p, 1 + 2 * c, cell=0.7, title=f"feature maps of {layer} (each map scaled to its own range)")
-    for i in range(p):
-        _show_image(axes[i, 0], images[i])
-        axes[i, 0].set_ylabel(classes[int(labels[i])], fontsize=7)
-        for side, maps in enumerate((init_maps, trained_maps)):
-            for k in range(c):
-                ax = axes[i, 1 + side * c + k]
-                _show_map(ax, maps[i, k])
-                if i == 0:
-                    ax.set_title(f"{'untrained' if side == 0 else 'trained'}\nch {k}", fontsize=6)
+    cells = [[_rgb(images[i])] + [_colour(maps[i, k]) for maps in (init_maps, trained_maps) for k in range(c)]
+             for i in range(p)]
+    names = [classes[int(labels[i])] for i in range(p)]
+    # Wider gaps set the image column and the two models' blocks apart.
+    fig, ax, xc, yc = _grid(cells, cell=0.7, title=f"feature maps of {layer} (each map scaled to its own range)",
+                            left=_text_in(names, 7) + 0.15, top=0.75, col_gaps={0: 8, c: 10})
+    ax.set_yticks(yc, names, fontsize=7)
+    ax.set_xticks(xc, ["image"] + [f"ch {k}" for k in range(c)] * 2, fontsize=7)
+    for side, name in enumerate(("untrained", "trained")):
+        _header(ax, (xc[1 + side * c] + xc[c + side * c]) / 2, name)
     return fig
 
 
 def through_layers(image: np.ndarray, maps: dict[str, np.ndarray]) -> Figure:
     """One image through every conv layer: one row per layer (in order), its first 8 channels."""
     c = min(8, max(m.shape[0] for m in maps.values()))
-    # The image alone in the top row; below it one row per layer, named in the first column.
-    fig, axes = _image_grid(1 + len(maps), 1 + c, cell=0.8, title="one image through every conv layer")
-    _show_image(axes[0, 0], image)
-    axes[0, 0].set_title("input", fontsize=7)
-    for ax in axes[0, 1:]:
-        ax.set_visible(False)
-    for i, (name, m) in enumerate(maps.items(), start=1):
-        axes[i, 0].text(0.5, 0.5, f"{name}\n{m.shape[-2]}x{m.shape[-1]}", ha="center", va="center", fontsize=7,
-                        transform=axes[i, 0].transAxes)
-        for k in range(c):
-            ax = axes[i, 1 + k]
-            if k < m.shape[0]:
-                _show_map(ax, m[k])
-            else:
-                ax.set_visible(False)
-            if i == 1:
-                ax.set_title(f"ch {k}", fontsize=7)
+    # The image alone in the top row; below it one row per layer, named on the left; a layer with
+    # fewer channels leaves its last cells empty.
+    cells = [[_rgb(image)] + [None] * (c - 1)]
+    cells += [[_colour(m[k]) if k < m.shape[0] else None for k in range(c)] for m in maps.values()]
+    names = ["input"] + [f"{name}\n{m.shape[-2]}x{m.shape[-1]}" for name, m in maps.items()]
+    gap = 16  # pixels under the image for the channel numbers
+    fig, ax, xc, yc = _grid(cells, cell=0.8, title="one image through every conv layer",
+                            left=_text_in(names, 7) + 0.15, top=0.4, row_gaps={0: gap})
+    ax.set_yticks(yc, names, fontsize=7)
+    first = yc[1] - (yc[1] - yc[0] - gap) / 2  # the top edge of the first layer's row
+    for k in range(c):
+        ax.text(xc[k], first - 3, f"ch {k}", ha="center", va="bottom", fontsize=7)
     return fig
 
 
@@ -173,18 +173,16 @@ def cam_overlays(images: np.ndarray, maps: dict[str, np.ndarray], labels: np.nda
                  classes: list[str]) -> Figure:
     """Rows = probe images: the image, then one map overlay per method (maps (P, H, W) in [0, 1])."""
     methods = list(maps)
-    fig, axes = _image_grid(len(images), 1 + len(methods), cell=1.0, title="class activation maps", label_w=0.9)
-    for i, img in enumerate(images):
-        true, pred = classes[int(labels[i])], classes[int(preds[i])]
-        _show_image(axes[i, 0], img)
-        # Two lines of "true: cat / pred: dog"; red marks a wrong prediction.
-        axes[i, 0].set_ylabel(f"true: {true}\npred: {pred}", fontsize=7, rotation=0, ha="right", va="center",
-                              color="black" if true == pred else "tab:red")
-        for j, m in enumerate(methods):
-            _overlay(axes[i, 1 + j], img, maps[m][i])
-    axes[0, 0].set_title("image", fontsize=8)
-    for j, m in enumerate(methods):
-        axes[0, 1 + j].set_title(m, fontsize=8)
+    cells = [[_rgb(img)] + [_blend(img, maps[m][i]) for m in methods] for i, img in enumerate(images)]
+    # Two lines of "true: cat / pred: dog"; red marks a wrong prediction.
+    truth = [(classes[int(labels[i])], classes[int(preds[i])]) for i in range(len(images))]
+    names = [f"true: {t}\npred: {p}" for t, p in truth]
+    fig, ax, xc, yc = _grid(cells, cell=1.0, title="class activation maps", left=_text_in(names, 7) + 0.15,
+                            top=0.6, col_gaps={0: 6})
+    ax.set_xticks(xc, ["image"] + methods, fontsize=8)
+    ax.set_yticks(yc, names, fontsize=7)
+    for text, (t, p) in zip(ax.get_yticklabels(), truth):
+        text.set_color("black" if t == p else "tab:red")
     return fig
 
 
@@ -193,10 +191,10 @@ def faithfulness(x: np.ndarray, deletion: np.ndarray, insertion: np.ndarray,
     """Deletion and insertion curves (P, S) over the share of pixels x (S,): mean over images with a
     +-1 std band, the random-map baseline dashed; the area under each mean curve in the legend."""
     x = np.asarray(x, dtype=float)
-    fig = _figure(10, 4)
+    fig, axes = _figure(10, 4, 1, 2, wspace=0.8)
     panels = (("deletion", deletion, deletion_random, "lower is better"),
               ("insertion", insertion, insertion_random, "higher is better"))
-    for ax, (mode, main, random, better) in zip(fig.subplots(1, 2), panels):
+    for ax, (mode, main, random, better) in zip(axes[0], panels):
         for c, name, style, colour in ((main, "map", "-", "tab:blue"), (random, "random map", "--", "tab:gray")):
             if c is None:
                 continue
@@ -226,41 +224,46 @@ def sanity(layers: list[str], spearman: np.ndarray, maps: np.ndarray, image: np.
     n = len(maps) + 1  # the image, the trained map, one map per step
     ncols = min(n, 7)
     nrows = math.ceil(n / ncols)
-    fig = _figure(4.5 + 1.1 * ncols, max(3.8, 1.3 * nrows + 0.6))
-    left, right = fig.subfigures(1, 2, width_ratios=[4.5, 1.1 * ncols])
-    ax = left.subplots()
-    ax.plot(range(len(layers)), spearman, "o-")
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
-    ax.set_ylim(-0.2, 1.05)
-    ax.set_xlabel("randomized from the top down to")
-    ax.set_ylabel("mean Spearman correlation")
-    ax.set_title("cascading randomization")
-    ax.grid(alpha=0.3)
-    axes = right.subplots(nrows, ncols, squeeze=False).ravel()
-    _show_image(axes[0], image)
-    axes[0].set_title("image", fontsize=7)
-    for k, m in enumerate(maps):
-        ax = axes[1 + k]
-        _show_map(ax, m)
-        ax.set_title("trained" if k == 0 else f"to {layers[k - 1]}", fontsize=7)
-    for ax in axes:
-        _bare(ax)
-    for ax in axes[n:]:
-        ax.remove()
+    strip = [_rgb(image)] + [_colour(m) for m in maps]
+    titles = ["image"] + ["trained" if k == 0 else f"to {layers[k - 1]}" for k in range(len(maps))]
+    gap = 16  # pixels above each row of maps for their titles
+    curve_w = 4.5
+    fig, ax, xc, yc = _grid([strip[r * ncols:(r + 1) * ncols] for r in range(nrows)], cell=1.1, title="",
+                            left=curve_w + 0.2, top=0.1 + gap / DPI, row_gaps={r: gap for r in range(nrows - 1)},
+                            min_size=(0, 3.8))
+    tile = (yc[1] - yc[0] - gap) if nrows > 1 else ax.images[0].get_array().shape[0]
+    for k, title in enumerate(titles):
+        r, c = divmod(k, ncols)
+        ax.text(xc[c], yc[r] - tile / 2 - 3, title, ha="center", va="bottom", fontsize=7)
+    # The curve fills the left part, its rotated layer names below it.
+    fw, fh = fig.get_size_inches()
+    bottom = 0.45 + _text_in(layers, 7) * 0.87
+    curve = fig.add_axes((0.75 / fw, bottom / fh, (curve_w - 1.0) / fw, (fh - bottom - 0.35) / fh))
+    spearman = np.asarray(spearman, dtype=float)
+    curve.plot(range(len(layers)), spearman, "o-")
+    curve.axhline(0, color="gray", lw=0.8)
+    curve.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+    low = np.nanmin(spearman, initial=0.0) if np.isfinite(spearman).any() else 0.0
+    curve.set_ylim(min(-0.2, low - 0.05), 1.05)  # a strongly negative correlation stays in view
+    curve.set_xlabel("randomized from the top down to")
+    curve.set_ylabel("mean Spearman correlation")
+    curve.set_title("cascading randomization")
+    curve.grid(alpha=0.3)
     return fig
 
 
 def tsne_gmm(embedding: np.ndarray, labels: np.ndarray, clusters: np.ndarray, classes: list[str],
              scores: dict[str, float] | None = None) -> Figure:
     """t-SNE of the feature vectors (N, 2) coloured by true label (left) and by GMM cluster (right)."""
-    fig = _figure(12, 5.5)
-    ax_l, ax_c = fig.subplots(1, 2)
+    found = np.unique(clusters)
+    names = [f"cluster {k}" for k in range(int(found.max()) + 1)]
+    legend_w = 0.45 + _text_in(list(classes) + (names if len(found) <= 20 else []), 7)  # room for a legend
+    fig, (axes,) = _figure(12, 5.5, 1, 2, left=0.1, right=legend_w, top=0.6, bottom=0.1, wspace=legend_w + 0.2)
+    ax_l, ax_c = axes
     _scatter_by(ax_l, embedding, labels, classes)
     ax_l.set_title("t-SNE, coloured by true label")
     ax_l.legend(loc="center left", bbox_to_anchor=(1, 0.5), markerscale=4, fontsize=7, frameon=False)
-    found = np.unique(clusters)
-    _scatter_by(ax_c, embedding, clusters, [f"cluster {k}" for k in range(int(found.max()) + 1)])
+    _scatter_by(ax_c, embedding, clusters, names)
     if len(found) <= 20:
         ax_c.legend(loc="center left", bbox_to_anchor=(1, 0.5), markerscale=4, fontsize=7, frameon=False)
     title = f"GMM clusters (k={len(found)})"
@@ -275,8 +278,7 @@ def bic(bic: np.ndarray, ks: list[int], covariance_types: list[str], best: tuple
     lowest BIC) marked with a star."""
     b = np.asarray(bic, dtype=float)
     ks, covariance_types = list(ks), list(covariance_types)  # arrays read back from HDF5 have no .index
-    fig = _figure(7, 4.5)
-    ax = fig.subplots()
+    fig, ((ax,),) = _figure(7, 4.5, left=1.0)
     for t, row in zip(covariance_types, b):
         ok = np.isfinite(row)
         ax.plot(np.asarray(ks)[ok], row[ok], "o-", ms=3, label=t)
@@ -300,16 +302,17 @@ def contingency(table: np.ndarray, classes: list[str]) -> Figure:
     """Cluster x class counts (k, n_classes) as a heatmap with the counts written in."""
     t = np.asarray(table)
     k = t.shape[0]
-    fig = _figure(8, min(MAX_HEIGHT, max(3.5, 0.38 * k + 1.6)))
-    ax = fig.subplots()
+    rows = [f"cluster {i}" for i in range(k)]
+    fig, ((ax,),) = _figure(8, min(MAX_HEIGHT, max(3.5, 0.38 * k + 1.6)), left=0.45 + _text_in(rows, 10),
+                            right=0.35, bottom=0.4 + 0.71 * _text_in(classes, 10))
     im = ax.imshow(t, cmap=MAP_CMAP, aspect="auto")
     _annotate(ax, t, im)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), [f"cluster {i}" for i in range(k)])
+    ax.set_yticks(range(k), rows)
     ax.set_xlabel("true class")
     ax.set_ylabel("GMM cluster")
     ax.set_title("clusters vs classes (counts)")
-    fig.colorbar(im, ax=ax, label="images")
+    fig.colorbar(im, ax=ax, label="images", fraction=0.1, pad=0.03)
     return fig
 
 
@@ -318,8 +321,10 @@ def confusion(conf: np.ndarray, per_class_acc: np.ndarray, classes: list[str], e
     conf = np.asarray(conf)
     rows = conf.sum(axis=1, keepdims=True)
     share = conf / np.maximum(rows, 1)
-    fig = _figure(12, 5.5)
-    ax_m, ax_b = fig.subplots(1, 2, width_ratios=[1.2, 1])
+    names = 0.71 * _text_in(classes, 10)  # the rotated class names under both panels
+    fig, (axes,) = _figure(12, 5.5, 1, 2, left=0.45 + _text_in(classes, 10), top=0.7, bottom=0.45 + names,
+                           wspace=1.1, width_ratios=[1.2, 1])
+    ax_m, ax_b = axes
     im = ax_m.imshow(share, cmap="Blues", vmin=0, vmax=1)
     _annotate(ax_m, conf, im)
     n = len(classes)
@@ -338,7 +343,8 @@ def confusion(conf: np.ndarray, per_class_acc: np.ndarray, classes: list[str], e
     ax_b.set_ylabel("accuracy")
     ax_b.set_title(f"per-class accuracy (dashed: mean {mean:.3f})")
     ax_b.grid(axis="y", alpha=0.3)
-    fig.suptitle("confusion and per-class accuracy" + (f" (ECE {ece:.3f})" if ece is not None else ""))
+    fig.suptitle("confusion and per-class accuracy" + (f" (ECE {ece:.3f})" if ece is not None else ""),
+                 y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig
 
 
@@ -349,8 +355,7 @@ def accuracy_bars(pivot: dict) -> Figure:
     """Grouped bars of a results pivot: one group per variant, one bar per schedule, std as error
     bars; cells without a value are left out, cells with missing seeds say n/of."""
     variants, schedules, cells = pivot["variants"], pivot["schedules"], pivot["cells"]
-    fig = _figure(min(12, max(6, 0.35 * len(variants) * len(schedules) + 2.5)), 4.5)
-    ax = fig.subplots()
+    fig, ((ax,),) = _figure(min(12, max(6, 0.35 * len(variants) * len(schedules) + 2.5)), 4.5, left=0.8)
     width = 0.8 / max(1, len(schedules))
     for j, s in enumerate(schedules):
         xs, ys, errs, notes = [], [], [], []
@@ -381,8 +386,7 @@ def valid_curves(histories: dict[str, dict[str, np.ndarray]], variant_of: dict[s
     """Every trial's validation accuracy vs epoch, one colour per variant."""
     variants = list(dict.fromkeys(variant_of.get(t, "?") for t in histories))
     colour = {v: f"C{i % 10}" for i, v in enumerate(variants)}
-    fig = _figure(8, 5)
-    ax = fig.subplots()
+    fig, ((ax,),) = _figure(8, 5)
     for t, h in histories.items():
         e, y = np.asarray(h["epoch"], dtype=float), np.asarray(h["valid_acc"], dtype=float)
         ok = np.isfinite(e) & np.isfinite(y)
@@ -399,18 +403,15 @@ def cam_grid(images: np.ndarray, maps: np.ndarray, trial_ids: list[str], classes
              labels: np.ndarray) -> Figure:
     """The same probe images' maps across trials: rows = images, the image then one overlay
     column per trial (maps (T, P, H, W) in [0, 1])."""
-    t, p = len(trial_ids), len(images)
+    t = len(trial_ids)
+    cells = [[_rgb(img)] + [_blend(img, maps[j][i]) for j in range(t)] for i, img in enumerate(images)]
+    names = [classes[int(labels[i])] for i in range(len(images))]
     # Trial ids are written vertically above their columns; the top margin fits the longest.
-    top = 0.5 + 0.045 * max((len(s) for s in trial_ids), default=0)
-    fig, axes = _image_grid(p, 1 + t, cell=0.9, title="class activation maps across trials", top=top)
-    for i, img in enumerate(images):
-        _show_image(axes[i, 0], img)
-        axes[i, 0].set_ylabel(classes[int(labels[i])], fontsize=7)
-        for j in range(t):
-            _overlay(axes[i, 1 + j], img, maps[j][i])
-    axes[0, 0].set_title("image", fontsize=7)
-    for j, tid in enumerate(trial_ids):
-        axes[0, 1 + j].set_title(tid, fontsize=6, rotation=90, va="bottom")
+    fig, ax, xc, yc = _grid(cells, cell=0.9, title="class activation maps across trials",
+                            left=_text_in(names, 7) + 0.15, top=0.45 + _text_in(trial_ids, 6), col_gaps={0: 6})
+    ax.set_xticks(xc, ["image"] + list(trial_ids), fontsize=6, rotation=90)
+    ax.get_xticklabels()[0].set(rotation=0, fontsize=7)
+    ax.set_yticks(yc, names, fontsize=7)
     return fig
 
 
@@ -421,8 +422,10 @@ def tsne_grid(embeddings: list[np.ndarray], labels: list[np.ndarray], trial_ids:
     ncols = min(5, n)
     nrows = math.ceil(n / ncols)
     cell = min(2.2, (MAX_HEIGHT - 1) / nrows)
-    fig = _figure(cell * ncols + 1.6, cell * nrows + 0.5)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    legend_w = 0.5 + _text_in(classes, 7)
+    fig, axes = _figure(cell * ncols + legend_w, cell * nrows + 0.5, nrows, ncols, left=0.1, right=legend_w,
+                        top=0.55, bottom=0.1, wspace=0.1, hspace=0.3)
+    axes = axes.ravel()
     for ax, e, y, tid in zip(axes, embeddings, labels, trial_ids):
         _scatter_by(ax, e, y, classes, s=1)
         ax.set_title(tid, fontsize=7)
@@ -430,37 +433,34 @@ def tsne_grid(embeddings: list[np.ndarray], labels: list[np.ndarray], trial_ids:
         ax.remove()
     cmap = _group_cmap(len(classes))
     handles = [Line2D([], [], ls="", marker="o", ms=5, color=cmap(i % cmap.N)) for i in range(len(classes))]
-    fig.legend(handles, classes, loc="outside right center", fontsize=7, frameon=False)
-    fig.suptitle("t-SNE of the test-set feature vectors, coloured by true label")
+    fig.legend(handles, classes, loc="center left", bbox_to_anchor=(1 - (legend_w - 0.1) / fig.get_figwidth(), 0.5),
+               fontsize=7, frameon=False)
+    fig.suptitle("t-SNE of the test-set feature vectors, coloured by true label", y=1 - 0.08 / fig.get_figheight(),
+                 va="top")
     return fig
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def _figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(min(width, MAX_WIDTH), min(height, MAX_HEIGHT)), dpi=DPI, layout="constrained")
-
-
-def _image_grid(nrows: int, ncols: int, cell: float, title: str, top: float = 0.55,
-                label_w: float = 0.35) -> tuple[Figure, np.ndarray]:
-    """A grid of square image cells, ``cell`` inches each (less when it would pass the size cap),
-    placed by hand: constrained layout takes seconds on a few hundred axes and adds nothing here."""
-    pad = 0.06
-    cell = min(cell, (MAX_WIDTH - label_w) / ncols - pad, (MAX_HEIGHT - top) / nrows - pad)
-    w, h = label_w + ncols * (cell + pad), top + nrows * (cell + pad) + 0.05
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, left: float = 0.75, right: float = 0.2,
+            top: float = 0.45, bottom: float = 0.6, wspace: float = 0.0, hspace: float = 0.0,
+            **kw) -> tuple[Figure, np.ndarray]:
+    """A ``width`` x ``height`` inch figure (capped) with an ``nrows`` x ``ncols`` grid of Axes
+    (returned as a 2-D array), placed by fixed margins and gaps in inches. Constrained layout
+    measured every label and made savefig draw each figure once more: most of a simple figure's
+    time. ``kw`` goes to ``Figure.subplots`` (width_ratios, ...)."""
+    w, h = min(width, MAX_WIDTH), min(height, MAX_HEIGHT)
     fig = Figure(figsize=(w, h), dpi=DPI)
-    fig.subplots_adjust(left=label_w / w, right=1 - pad / w, top=1 - top / h, bottom=0.05 / h,
-                        wspace=pad / cell, hspace=pad / cell)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.ravel():
-        _bare(ax)
-    fig.suptitle(title, y=1 - 0.08 / h, va="top", fontsize=10)
-    return fig, axes
+    aw = max(1e-3, (w - left - right - (ncols - 1) * wspace) / ncols)  # mean Axes size, inches
+    ah = max(1e-3, (h - top - bottom - (nrows - 1) * hspace) / nrows)
+    fig.subplots_adjust(left=left / w, right=1 - right / w, top=1 - top / h, bottom=bottom / h,
+                        wspace=wspace / aw, hspace=hspace / ah)
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
 
 
 def _bare(ax: Axes) -> None:
-    """No ticks or frame, but keep the axis labels (the row titles live there)."""
+    """No ticks or frame, but keep the title and axis labels."""
     ax.set_xticks([])
     ax.set_yticks([])
     for s in ax.spines.values():
@@ -473,6 +473,116 @@ def _norm01(a: np.ndarray) -> np.ndarray:
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """An image as float RGB in [0, 1], as imshow reads it: integers out of 255, floats clipped."""
+    a = np.asarray(image)
+    a = a / 255.0 if a.dtype.kind in "ui" else np.clip(a.astype(float), 0, 1)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return a[..., :3]
+
+
+def _colour(m: np.ndarray) -> np.ndarray:
+    """A map scaled to its own range (maps of different layers and models differ in scale) in
+    MAP_CMAP, as RGB; NaN is left white."""
+    n = _norm01(m)
+    rgb = matplotlib.colormaps[MAP_CMAP](n)[..., :3]
+    return np.where(np.isnan(n)[..., None], 1.0, rgb)
+
+
+def _blend(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """``cam`` (values in [0, 1]) in CAM_CMAP at CAM_ALPHA over ``image``, as RGB: what drawing the
+    map over the image with that alpha shows. A map of another resolution is stretched over the
+    image (nearest); values outside [0, 1] get the end colours, NaN leaves the image bare."""
+    img, cam = _rgb(image), np.asarray(cam, dtype=float)
+    shape = (max(img.shape[0], cam.shape[0]), max(img.shape[1], cam.shape[1]))
+    heat = matplotlib.colormaps[CAM_CMAP](_resize(cam, shape))
+    alpha = CAM_ALPHA * heat[..., 3:]
+    return _resize(img, shape) * (1 - alpha) + heat[..., :3] * alpha
+
+
+def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of the first two axes to ``shape`` (an integer zoom repeats pixels)."""
+    h, w = a.shape[:2]
+    if (h, w) == tuple(shape):
+        return a
+    return a[(np.arange(shape[0]) * h // shape[0])[:, None], np.arange(shape[1]) * w // shape[1]]
+
+
+def _grid(cells: list[list[np.ndarray | None]], cell: float, title: str, left: float, top: float,
+          right: float = 0.1, bottom: float = 0.1, col_gaps: dict[int, int] | None = None,
+          row_gaps: dict[int, int] | None = None, min_size: tuple[float, float] = (2.0, 2.0),
+          ) -> tuple[Figure, Axes, np.ndarray, np.ndarray]:
+    """A figure showing ``cells`` (rows of RGB arrays in [0, 1]; None leaves a cell white) as ONE
+    mosaic image on one Axes: a few hundred Axes of one image each take seconds to build and draw.
+
+    Every cell is resampled (nearest) to the same tile, an integer zoom of the largest cell, about
+    ``cell`` inches wide (less where the figure would pass the size cap), with GUTTER white pixels
+    between tiles (``col_gaps`` / ``row_gaps``: wider gaps after some columns / rows, in pixels).
+    When it fits, a mosaic pixel is one pixel of the PNG, so tiles stay sharp. Margins (inches) hold
+    the labels, which callers put as tick labels or texts in mosaic pixel coordinates. Returns the
+    figure, the Axes and the tile centres: x per column, y per row."""
+    nrows, ncols = len(cells), max(len(r) for r in cells)
+    shapes = [c.shape[:2] for r in cells for c in r if c is not None]
+    rh, rw = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    gx, gy = np.full(max(ncols - 1, 0), GUTTER), np.full(max(nrows - 1, 0), GUTTER)
+    for gaps, given in ((gx, col_gaps), (gy, row_gaps)):
+        for i, g in (given or {}).items():
+            gaps[i] = g
+    left, top, right, bottom = (round(v, 2) for v in (left, top, right, bottom))  # whole pixels
+    room_w, room_h = (MAX_WIDTH - left - right) * DPI, (MAX_HEIGHT - top - bottom) * DPI
+
+    def size(k: int) -> tuple[int, int]:
+        return ncols * k * rw + int(gx.sum()), nrows * k * rh + int(gy.sum())
+
+    want = max(1, round(cell * DPI / max(rh, rw)))
+    k = want
+    while k > 1 and (size(k)[0] > room_w or size(k)[1] > room_h):
+        k -= 1
+    w, h = size(k)
+    scale = min(want / k, room_w / w, room_h / h)  # 1 unless the cap forced a smaller zoom
+    th, tw = k * rh, k * rw
+    x0 = np.concatenate([[0], np.cumsum(tw + gx)]).astype(int)
+    y0 = np.concatenate([[0], np.cumsum(th + gy)]).astype(int)
+    mosaic = np.full((h, w, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(cells):
+        for j, c in enumerate(row):
+            if c is not None:
+                tile = (np.clip(c, 0, 1) * 255 + 0.5).astype(np.uint8)
+                mosaic[y0[i]:y0[i] + th, x0[j]:x0[j] + tw] = _resize(tile, (th, tw))
+
+    aw, ah = w * scale / DPI, h * scale / DPI
+    # Below the minimum size, the mosaic is centred in the extra room (in whole pixels, to stay 1:1).
+    extra_w = math.ceil(max(0.0, min_size[0] - (left + aw + right)) * DPI)
+    extra_h = math.ceil(max(0.0, min_size[1] - (top + ah + bottom)) * DPI)
+    left, right = left + extra_w // 2 / DPI, right + (extra_w - extra_w // 2) / DPI
+    top, bottom = top + extra_h // 2 / DPI, bottom + (extra_h - extra_h // 2) / DPI
+    fw, fh = left + aw + right, top + ah + bottom
+    fig = Figure(figsize=(fw, fh), dpi=DPI)
+    ax = fig.add_axes((left / fw, 1 - (top + ah) / fh, aw / fw, ah / fh))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_frame_on(False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.tick_params(length=0, pad=2, top=False, bottom=False, labeltop=True, labelbottom=False)
+    if title:
+        fig.suptitle(title, y=1 - 0.08 / fh, va="top", fontsize=10)
+    return fig, ax, x0 + (tw - 1) / 2, y0 + (th - 1) / 2
+
+
+def _text_in(labels: list[str], fontsize: float) -> float:
+    """About how many inches the longest line of ``labels`` takes in ``fontsize`` points (the
+    fixed layouts reserve room for labels by this, not by measuring them)."""
+    n = max((len(line) for s in labels for line in str(s).split("\n")), default=0)
+    return n * 0.62 * fontsize / 72
+
+
+def _header(ax: Axes, x: float, text: str) -> None:
+    """A heading over a block of columns, above the column tick labels."""
+    ax.annotate(text, (x, 1), xycoords=ax.get_xaxis_transform(), xytext=(0, 13), textcoords="offset points",
+                ha="center", va="bottom", fontsize=8)
+
+
 def _tile(patches: np.ndarray, ncols: int, fill: float) -> np.ndarray:
     """(n, h, w[, c]) patches into one mosaic, ``ncols`` per row, one ``fill`` pixel between them."""
     n, h, w = patches.shape[:3]
@@ -482,24 +592,6 @@ def _tile(patches: np.ndarray, ncols: int, fill: float) -> np.ndarray:
         r, c = divmod(k, ncols)
         out[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = p
     return out
-
-
-def _show_image(ax: Axes, image: np.ndarray) -> None:
-    # Nearest keeps the real pixels of a 32x32 image and makes the PNG half the size of smoothing.
-    ax.imshow(image, interpolation="nearest")
-
-
-def _show_map(ax: Axes, m: np.ndarray) -> None:
-    """A map scaled to its own range (maps of different layers and models differ in scale)."""
-    ax.imshow(_norm01(m), cmap=MAP_CMAP, vmin=0, vmax=1, interpolation="nearest")
-
-
-def _overlay(ax: Axes, image: np.ndarray, cam: np.ndarray) -> None:
-    h, w = image.shape[:2]
-    _show_image(ax, image)
-    # The extent stretches a map of another resolution over the image.
-    ax.imshow(cam, cmap=CAM_CMAP, alpha=CAM_ALPHA, vmin=0, vmax=1, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
-              interpolation="nearest")
 
 
 def _scatter_by(ax: Axes, xy: np.ndarray, groups: np.ndarray, names: list[str], s: float = 2) -> None:

@@ -29,14 +29,14 @@ def deletion_auc(model: nn.Module, images: torch.Tensor, maps: np.ndarray, targe
                  steps: int = 16, baseline: str = "zero", seed: int = 0) -> np.ndarray:
     """Area under the deletion curve, per image (N,); lower means a more faithful map."""
     _, probs = perturbation_curves(model, images, maps, targets, "deletion", steps, baseline, seed)
-    return _auc(probs)
+    return curve_auc(probs)
 
 
 def insertion_auc(model: nn.Module, images: torch.Tensor, maps: np.ndarray, targets: np.ndarray,
                   steps: int = 16, baseline: str = "zero", seed: int = 0) -> np.ndarray:
     """Area under the insertion curve, per image (N,); higher means a more faithful map."""
     _, probs = perturbation_curves(model, images, maps, targets, "insertion", steps, baseline, seed)
-    return _auc(probs)
+    return curve_auc(probs)
 
 
 def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: np.ndarray, targets: np.ndarray,
@@ -75,6 +75,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: np.ndarray
     return counts / (h * w), probs
 
 
-def _auc(probs: np.ndarray) -> np.ndarray:
+def curve_auc(probs: np.ndarray) -> np.ndarray:
+    """Area under each curve (N, S) sampled on an even grid of [0, 1], per curve (N,)."""
     # Trapezoid on an even grid of [0, 1] (np.trapezoid is numpy >= 2 only).
     return (probs[:, 1:] + probs[:, :-1]).sum(axis=1) / (2 * (probs.shape[1] - 1))
