@@ -223,3 +223,53 @@ def test_submit_without_sbatch_says_so(tmp_path, tiny_cache):
     r = subprocess.run([sys.executable, "-m", "vgg_xai.cli", "submit", str(_spec(tmp_path, tiny_cache)), "--cluster",
                         str(_profile(tmp_path))], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "sbatch not found on PATH" in r.stderr
+
+
+def test_submitit_timeout_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, tiny_cache):
+    """SLURM's warning before the time limit, as submitit asks for it (--signal=USR2@signal_delay_s) and
+    as submitit's own test helper sends it (`scancel --signal USR2`, SlurmJob._interrupt): submitit's
+    handler calls SweepJob.checkpoint (which stops Ray), requeues the job and exits; the requeued job
+    resumes the interrupted trial from its checkpoint and leaves the finished one alone."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    spec = _spec(tmp_path, tiny_cache, grid={"variant": ["bn"], "epochs": [1, 12]}, training={"epochs": None})
+    jobs = _submit(str(spec), "--cluster", str(_profile(tmp_path)))
+    job = jobs["sweep"]
+    sbatch = (tmp_path / "results" / "s" / "slurm" / job / f"{job}_submission.sh").read_text()
+    assert f"--signal={SlurmJobEnvironment.USR_SIG}@60" in sbatch  # the profile's signal_delay_s
+    trials = tmp_path / "results" / "s" / "trials"
+    short, long_ = trials / "bn-lr1e-3-s0-epochs1", trials / "bn-lr1e-3-s0-epochs12"
+    end = time.monotonic() + 300
+    while not ((short / "result.json").is_file() and (long_ / "checkpoint.pt").is_file()):
+        assert time.monotonic() < end, _states([job])
+        time.sleep(0.2)
+    stamp = (short / "result.json").stat().st_mtime_ns
+    subprocess.run(["scancel", "--signal", SlurmJobEnvironment.USR_SIG, job], check=True, capture_output=True)
+    t0 = time.monotonic()
+    assert not (long_ / "result.json").exists()  # the signal came while the long trial was training
+    end = time.monotonic() + 300
+    while len(_attempts(long_)) < 2:
+        assert time.monotonic() < end, f"the requeued job did not resume: {_states([job])}"
+        time.sleep(0.5)
+    print(f"\nsignal to resumed: {time.monotonic() - t0:.1f} s")
+    states = _wait_states([job, jobs["postprocess"]])
+    assert states == {job: "COMPLETED", jobs["postprocess"]: "COMPLETED"}
+
+    # SLURM ran the same job id twice: first requeued, then to the end
+    runs = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert runs == [f"{job}|REQUEUED", f"{job}|COMPLETED"], runs
+    # ... because submitit's handler checkpointed and requeued it (its log of the first run)
+    log = "".join(p.read_text(errors="replace") for p in (tmp_path / "results" / "s" / "slurm" / job).glob("*_log.*"))
+    sig = f"SIG{SlurmJobEnvironment.USR_SIG}"
+    for line in (f"Caught signal {sig}", "Calling checkpoint method.", f"Requeued job {job}"):
+        assert line in log, log[-3000:]
+
+    # the finished trial was not run again; the interrupted one went on from its checkpoint
+    assert len(_attempts(short)) == 1 and (short / "result.json").stat().st_mtime_ns == stamp
+    first, second = _attempts(long_)
+    assert first["slurm_job_id"] == second["slurm_job_id"] == job
+    assert second["start_epoch"] >= 1 and second["pid"] != first["pid"]
+    rows = {r["trial_id"]: r for r in collect_rows(tmp_path / "results" / "s")}
+    assert rows[long_.name]["status"] == "completed" and rows[long_.name]["epochs"] == 12
+    assert rows[short.name]["status"] == "completed"

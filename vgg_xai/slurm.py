@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,49 +133,76 @@ class SweepJob(submitit.helpers.Checkpointable):
         return str(plan.sweep_dir)
 
     def _multi_node(self, sweep, plan, env, cpus: int, gpus: int):
-        """Ray head + driver on task 0, Ray workers on the others (a shared results folder)."""
-        rendezvous = plan.sweep_dir / "slurm" / f"ray-{env.job_id}.json"
-        done = rendezvous.with_suffix(".done")
-        token = plan.sweep_dir / "slurm" / "ray-token"
-        if not token.exists():
-            atomic_write_text(token, secrets.token_hex(32))
-            token.chmod(0o600)
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-        ip = socket.gethostbyname(socket.gethostname())
-        logs = plan.sweep_dir / "slurm" / "ray-logs"
+        """Ray head + driver on task 0, Ray workers on the others (one task a node).
+
+        The tasks meet through files in the sweep's slurm/ folder, which every node sees: the head's
+        address, a marker that the driver is done, the cluster's token and the Ray logs. Their names
+        carry the restart count, so that after a requeue (the same job id) no worker joins the head of
+        the run that was stopped, or leaves at once on its marker. This is the path that the one-machine
+        test (tests/test_multinode.py: a head on 127.0.0.2, a worker on 127.0.0.3) shows with the same
+        start_head, start_worker, wait_for_nodes and run.
+        """
+        folder = plan.sweep_dir / "slurm"
+        run = f"ray-{env.job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+        rendezvous, done = folder / f"{run}.json", folder / f"{run}.done"
+        token = folder / "ray-token"  # made by start_head, readable by this user only
+        ip = self._node_ip()
         if env.global_rank == 0:
-            head = sweep.start_head(ip, cpus, gpus, logs / f"{env.job_id}-head.log",
-                                    temp_dir=f"/tmp/vgg-xai-ray-{env.job_id}")
-            atomic_write_text(rendezvous, json.dumps({"address": head.address}))
             try:
-                sweep.wait_for_nodes(head.address, env.num_nodes, ip)
+                head = sweep.start_head(ip, cpus, gpus, folder / "ray-logs" / f"{run}-head.log", token=token,
+                                        temp_dir=f"/tmp/vgg-xai-ray-{env.job_id}")
+                self._nodes = [head]
+                atomic_write_text(rendezvous, json.dumps({"address": head.address}))
+                sweep.wait_for_nodes(head.address, env.num_nodes, ip, token=token, timeout=300, nodes=[head])
                 return sweep.run(plan, address=head.address)
             finally:
                 atomic_write_text(done, "")
-                import ray
-
-                ray.shutdown()
-                head.stop()
+                self._stop_ray()
+        end = time.monotonic() + 600
         while not rendezvous.exists():
+            if done.exists():  # the head never came up; task 0 says why
+                return None
+            if time.monotonic() > end:
+                raise RuntimeError(f"no Ray head address in {rendezvous} after 600 s; see task 0's log")
             time.sleep(1)
-        worker = sweep.start_worker(json.loads(rendezvous.read_text())["address"], ip, cpus, gpus,
-                                    logs / f"{env.job_id}-worker{env.global_rank}.log")
+        address = json.loads(rendezvous.read_text())["address"]
+        self._nodes = [sweep.start_worker(address, ip, cpus, gpus,
+                                          folder / "ray-logs" / f"{run}-worker{env.global_rank}.log", token=token)]
         try:
-            while not done.exists() and worker.proc.poll() is None:
+            while not done.exists() and self._nodes[0].proc.poll() is None:
                 time.sleep(2)
         finally:
-            worker.stop()
+            self._stop_ray()
         return None
+
+    @staticmethod
+    def _node_ip() -> str:
+        """This node's address as the other nodes of the allocation reach it."""
+        ip = socket.gethostbyname(socket.gethostname())
+        if ip.startswith("127."):  # the hostname maps to loopback (Debian's /etc/hosts does): ask the routes
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                try:
+                    s.connect(("8.8.8.8", 80))  # what Ray does; a UDP connect sends nothing
+                    ip = s.getsockname()[0]
+                except OSError:
+                    pass
+        return ip
+
+    def _stop_ray(self) -> None:
+        """Disconnect the driver, then stop the Ray nodes this task started."""
+        if "ray" in sys.modules:
+            try:
+                sys.modules["ray"].shutdown()
+            except Exception:  # noqa: BLE001 - the nodes must be stopped even if the driver is half gone
+                pass
+        for node in getattr(self, "_nodes", []):
+            node.stop(timeout=20)
+        self._nodes = []
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # Stop Ray cleanly so that no Ray process outlives this allocation; the requeued job
         # resumes every unfinished trial from its last checkpoint.
-        try:
-            import ray
-
-            ray.shutdown()
-        except Exception:  # noqa: BLE001 - requeue must happen even if Ray is already half gone
-            pass
+        self._stop_ray()
         return submitit.helpers.DelayedSubmission(SweepJob(self.spec, self.data))
 
 
@@ -199,7 +226,9 @@ class PostprocessJob:
     def __call__(self) -> str:
         from .postprocess import postprocess
 
-        postprocess(self.sweep_dir)
+        summary = postprocess(self.sweep_dir)
+        if summary.failed:  # the job shows FAILED, and `vgg-xai status` shows this line
+            raise RuntimeError("interpretation failed: " + "; ".join(f"{t}: {e}" for t, e in summary.failed.items()))
         return self.sweep_dir
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -163,6 +164,24 @@ def ray_init(address: str | None = None, num_cpus: float | None = None, num_gpus
     return True
 
 
+# ---------------------------------------------------------------------------- several Ray nodes
+#
+# The multi-node sweep job starts a head (`start_head`) and workers (`start_worker`) with `ray start`,
+# then connects its driver (`wait_for_nodes`) and runs the same Tune driver as one node does.
+#
+# One machine can stand in for several nodes: Ray refuses a multi-node cluster on 127.0.0.1, so the
+# nodes take other loopback addresses, the head 127.0.0.2 and a worker 127.0.0.3 (tests do this).
+# Linux routes all of 127.0.0.0/8 to lo, so these aliases work without any configuration (macOS
+# routes only 127.0.0.1 and would need `ifconfig lo0 alias 127.0.0.2`).
+#
+# Ray 2.60 authenticates every connection to a cluster with a token, and reads the mode and the
+# token once a process: a head turns token mode on by itself when ~/.ray/auth_token exists, a worker
+# or a driver does not, and a process that already used Ray (an embedded Ray turns token mode on
+# with ~/.ray/auth_token) keeps sending the token it read first. So every `ray start` and the
+# driver are given the mode and one token file explicitly.
+_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
 @dataclass
 class RayNode:
     """A Ray node started with `ray start --block` by this process (head or worker)."""
@@ -171,14 +190,24 @@ class RayNode:
     address: str  # the GCS address of the cluster
     log: Path
 
+    def log_tail(self, lines: int = 15) -> str:
+        text = self.log.read_text(errors="replace") if self.log.is_file() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
     def stop(self, timeout: float = 60) -> None:
+        """SIGTERM: `ray start --block` drains the node and stops the processes it started. Whatever
+        is left of its process group after that (or after ``timeout``) is killed."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # ray start --block stops its own processes
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                pass
+        try:  # `ray start` leads its own process group (start_new_session): Ray's daemons are in it
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
 
 
 def free_port(ip: str) -> int:
@@ -187,48 +216,103 @@ def free_port(ip: str) -> int:
         return s.getsockname()[1]
 
 
-def _ray_start(args: list[str], log: Path) -> subprocess.Popen:
+def _ray_start(args: list[str], log: Path, token: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != _ONE_NODE}  # these nodes form a multi-node cluster
+    # Not the one-node setting of an embedded Ray (these nodes form a multi-node cluster), nor a
+    # token this process may have been given for another cluster; unbuffered, so that the log shows
+    # how far a node got even when it is killed.
+    env = {k: v for k, v in os.environ.items() if k != _ONE_NODE and k not in _AUTH_VARS}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(Path(token).absolute()), PYTHONUNBUFFERED="1")
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
                                  "--disable-usage-stats", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def start_head(ip: str, cpus: float, gpus: float, log: Path, temp_dir: str | None = None) -> RayNode:
-    """A Ray head on ``ip`` with explicit resources and free ports (no clash with other jobs)."""
+def start_head(ip: str, cpus: float, gpus: float, log: Path, *, token: Path, temp_dir: str | None = None) -> RayNode:
+    """A Ray head on ``ip`` with explicit resources and free ports (no clash with other jobs).
+
+    ``token``: the cluster's token file, made here (readable by this user only) when missing; every
+    worker and the driver get the same file. ``temp_dir``: Ray's session folder for every node on this
+    machine (its AF_UNIX socket paths must stay under 108 bytes: keep it short).
+    """
+    token = Path(token)
+    if not token.is_file():
+        token.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
     port = free_port(ip)
     args = ["--head", f"--node-ip-address={ip}", f"--port={port}", f"--num-cpus={cpus:g}", f"--num-gpus={gpus:g}",
             "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port(ip)}"]
     if temp_dir:
         args.append(f"--temp-dir={temp_dir}")
-    return RayNode(_ray_start(args, log), f"{ip}:{port}", log)
+    return RayNode(_ray_start(args, log, token), f"{ip}:{port}", log)
 
 
-def start_worker(address: str, ip: str, cpus: float, gpus: float, log: Path) -> RayNode:
-    """A Ray worker node on ``ip`` joining the head at ``address``."""
+def start_worker(address: str, ip: str, cpus: float, gpus: float, log: Path, *, token: Path) -> RayNode:
+    """A Ray worker node on ``ip`` joining the head at ``address`` (``token``: the head's token file)."""
     args = [f"--address={address}", f"--node-ip-address={ip}", f"--num-cpus={cpus:g}", f"--num-gpus={gpus:g}",
             f"--dashboard-agent-listen-port={free_port(ip)}"]
-    return RayNode(_ray_start(args, log), address, log)
+    return RayNode(_ray_start(args, log, token), address, log)
 
 
-def wait_for_nodes(address: str, n: int, node_ip: str, timeout: float = 120) -> None:
-    """Connect this process as the driver and wait until ``n`` nodes are alive."""
+def wait_for_nodes(address: str, n: int, node_ip: str, *, token: Path, timeout: float = 120,
+                   nodes: list[RayNode] | tuple[RayNode, ...] = ()) -> None:
+    """Connect this process as the driver and wait until ``n`` nodes are alive.
+
+    Raises after ``timeout`` seconds, at once when one of ``nodes`` (the `ray start` processes
+    this process started) exits, and at once when the cluster refuses the token.
+    """
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(Path(token).absolute()))
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
+    imported = "ray" in sys.modules
     import ray
 
+    if ray.is_initialized():
+        raise RuntimeError("this process is already connected to Ray; call ray.shutdown() before joining "
+                           f"the cluster at {address}")
+    if imported:  # Ray read the mode and cached a token already: make it read them again, as Ray itself does
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    host, port = address.rsplit(":", 1)
     end = time.monotonic() + timeout
+    last: str = "the head did not answer"
+
+    def check() -> None:
+        for node in nodes:
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"`ray start` for {address} exited with {node.proc.returncode}; "
+                                   f"the end of {node.log}:\n{node.log_tail()}")
+        if time.monotonic() > end:
+            logs = "".join(f"\nthe end of {node.log}:\n{node.log_tail()}" for node in nodes)
+            raise TimeoutError(f"Ray at {address}: fewer than {n} nodes joined within {timeout:.0f} s "
+                               f"({last}){logs}")
+
+    while True:  # first the head's port: ray.init would block on a head that is not up yet
+        check()
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except OSError as e:
+            last = f"{address}: {e}"
+            time.sleep(0.2)
     while True:
+        check()
         try:
             if not ray.is_initialized():
                 ray.init(address=address, _node_ip_address=node_ip, include_dashboard=False,
                          configure_logging=False, log_to_driver=False)
-            if sum(1 for node in ray.nodes() if node["Alive"]) >= n:
+            alive = sum(1 for node in ray.nodes() if node["Alive"])
+            if alive >= n:
                 return
-        except (ConnectionError, RuntimeError):
-            pass
-        if time.monotonic() > end:
-            raise RuntimeError(f"Ray at {address}: fewer than {n} nodes joined within {timeout:.0f} s")
+            last = f"{alive} alive"
+        except (ConnectionError, RuntimeError) as e:
+            if "InvalidAuthToken" in str(e) or "InvalidAuthToken" in str(e.__cause__):
+                raise RuntimeError(f"Ray at {address} refused this process's token ({token}): {e}") from e
+            last = f"{type(e).__name__}: {e}"
         time.sleep(0.5)
 
 
@@ -329,10 +413,14 @@ def run(p: Plan, *, address: str | None = None, stream=None) -> Outcome:
           file=stream, flush=True)
     if pending:
         _fit(p, pending, address, stream)
-    pv = postprocess(p.sweep_dir)
+    post = postprocess(p.sweep_dir, address=address)
+    pv = post.pivot
     failed = [t for t, _ in p.trials if (p.trial_dir(t) / "error.txt").is_file()]
     unfinished = [t for t, _ in p.pending() if t not in failed]
-    print(f"\n{format_pivot(pv)}\n\ntables: {p.sweep_dir / 'tables'}", file=stream, flush=True)
+    print(f"\n{format_pivot(pv)}\n\ntables: {p.sweep_dir / 'tables'}\nreport: {post.report}", file=stream, flush=True)
+    if post.failed:
+        print(f"interpretation failed for {', '.join(post.failed)} (see trials/<id>/interpret/error.txt)",
+              file=stream, flush=True)
     if failed:
         print(f"failed after {p.spec.retries} retries: {', '.join(failed)} (see trials/<id>/error.txt)",
               file=stream, flush=True)
@@ -371,6 +459,30 @@ def _fit(p: Plan, pending: list[tuple[str, TrialConfig]], address: str | None, s
                 atomic_write_text(trial_dir / "error.txt", f"{type(r.error).__name__}: {r.error}\n")
         if table.tty:
             print(file=stream)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def map_tasks(fn: Callable[..., Any], calls: list[tuple], workers: int, address: str | None = None):
+    """Yield ``fn(*args)`` for every args tuple in ``calls``, as they finish: on Ray tasks (one CPU
+    each, at most ``workers`` at once) when there is more than one worker or an ``address``; in
+    this process otherwise, which saves a Ray start for a single call."""
+    if not calls:
+        return
+    if workers <= 1 and not address:
+        for args in calls:
+            yield fn(*args)
+        return
+    started = ray_init(address, num_cpus=None if address else workers)
+    import ray
+
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(fn)
+        waiting = [task.remote(*args) for args in calls]
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            yield ray.get(ready[0])
     finally:
         if started:
             ray.shutdown()
