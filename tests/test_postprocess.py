@@ -194,3 +194,26 @@ def test_report_renders_in_headless_chromium(trained_sweep, tmp_path):
     console = [line for line in run.stderr.splitlines() if "CONSOLE" in line]
     assert console == []
     print(f"screenshot: {shot}")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cam-methods", "gradcam,nope"], "--cam-methods: nope"),
+    (["--cam-methods", "cam"], "--cam-methods: cam"),
+    (["--probes-per-class", "0"], "--probes-per-class: must be >= 1"),
+    (["--workers", "0"], "--workers: must be >= 1"),
+])
+def test_bad_postprocess_options_fail_before_any_work(trained_sweep, tmp_path, capsys, args, message):
+    from vgg_xai.cli import main
+
+    sweep = _copy(trained_sweep, tmp_path / "tiny")
+    assert main(["postprocess", str(sweep), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+    assert not list(sweep.glob("trials/*/interpret")) and not (sweep / "tables").exists()
+
+
+def test_postprocess_of_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    from vgg_xai.cli import main
+
+    assert main(["postprocess", str(tmp_path)]) == 2
+    assert "not a sweep folder" in capsys.readouterr().err

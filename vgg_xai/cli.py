@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--address", help="use a running Ray cluster ('auto' or HOST:PORT) instead of starting one")
     post.add_argument("--force", action="store_true", help="interpret every trial again, even when up to date")
     post.add_argument("--tables-only", action="store_true", help="only aggregate the tables (seconds)")
+    post.add_argument("--cam-methods", default="gradcam,hirescam,gradcam++",
+                      help="CAM methods to draw, comma-separated, the first one also scored for faithfulness "
+                           "and the randomization check (default: %(default)s; plain CAM is added for head=linear)")
+    post.add_argument("--tsne-method", choices=("auto", "fft", "bh"), default="auto",
+                      help="openTSNE's gradient method: auto (FFT from 10,000 points, Barnes-Hut below; default), "
+                           "fft or bh (faster where numpy's FFT stands in for FFTW, as in pip installs)")
+    post.add_argument("--probes-per-class", type=int, default=1,
+                      help="probe images per class for feature maps and CAMs (default: %(default)s)")
 
     res = sub.add_parser(
         "results", help="print a sweep folder's results table, or pull one from a cluster",
@@ -188,12 +196,23 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_postprocess(args: argparse.Namespace) -> int:
-    from .postprocess import postprocess
+    from .postprocess import Settings, postprocess
     from .results import format_pivot
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers: must be >= 1, got {args.workers}")
-    s = postprocess(args.sweep_dir, workers=args.workers, address=args.address, force=args.force,
+    from .interpret.cam import METHODS
+
+    methods = tuple(m.strip() for m in args.cam_methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS or m == "cam"]
+    if not methods or bad:
+        raise UserError(f"--cam-methods: {', '.join(bad) or 'none given'}; choose from gradcam, hirescam, gradcam++ "
+                        "(plain cam is added by itself where the head is linear)")
+    if args.probes_per_class < 1:
+        raise UserError(f"--probes-per-class: must be >= 1, got {args.probes_per_class}")
+    settings = Settings(cam_method=methods[0], cam_methods=methods, probes_per_class=args.probes_per_class,
+                        tsne_method=args.tsne_method)
+    s = postprocess(args.sweep_dir, settings, workers=args.workers, address=args.address, force=args.force,
                     tables_only=args.tables_only)
     print(format_pivot(s.pivot))
     if not args.tables_only:
