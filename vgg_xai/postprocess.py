@@ -342,6 +342,7 @@ def postprocess(sweep_dir: str | Path, settings: Settings = Settings(), workers:
     workers: parallel trials (default: the CPUs this process may use); 1 runs them in this process.
     address: a running Ray cluster to use instead of starting one.
     """
+    from .interpret.embedding import available_cpus
     from .progress import progress
     from .sweep import map_tasks
 
@@ -353,7 +354,7 @@ def postprocess(sweep_dir: str | Path, settings: Settings = Settings(), workers:
         dirs = sorted(d for d in (sweep_dir / "trials").iterdir() if trial_status(d) == "completed")
         todo = [d for d in dirs if force or not up_to_date(d, settings)]
         summary.skipped = [d.name for d in dirs if d not in todo]
-        cpus = len(os.sched_getaffinity(0))
+        cpus = available_cpus()
         workers = max(1, min(workers or cpus, len(todo)))
         threads = max(1, cpus // workers)
         with progress(total=len(todo), desc="interpret", unit="trial") as bar:

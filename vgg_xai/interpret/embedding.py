@@ -33,12 +33,12 @@ def tsne(x: np.ndarray, seed: int = 0, perplexity: float = 30, n_jobs: int | Non
         x = pca(x, 50, seed)
     perplexity = min(perplexity, (len(x) - 1) / 3)
     emb = TSNE(n_components=2, perplexity=perplexity, negative_gradient_method=method,
-               n_jobs=n_jobs or _cpus(), random_state=seed).fit(x)
+               n_jobs=n_jobs or available_cpus(), random_state=seed).fit(x)
     return np.asarray(emb)
 
 
-def _cpus() -> int:
-    # The CPUs this process may use (a SLURM or Ray allotment), not every core of the node.
+def available_cpus() -> int:
+    """The CPUs this process may use (a SLURM or Ray allotment), not every core of the node."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
