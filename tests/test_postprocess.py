@@ -144,6 +144,10 @@ def test_two_runs_at_once_interpret_each_trial_once(trained_sweep, tmp_path):
     assert [p.returncode for p in runs] == [0, 0], outs
     done = [int(re.search(r"interpreted (\d+) trials", o).group(1)) for o in outs]
     assert sum(done) == len(TRIALS), outs
+    # In a log (no terminal), one line a trial says which run computed it and which found it done.
+    lines = [line for o in outs for line in o.splitlines() if line.startswith("interpret ")]
+    assert sorted(line.split(":")[0] for line in lines if "interpreted in" in line) == \
+        sorted(f"interpret {t}" for t in TRIALS), outs
     for tid in TRIALS:
         out = sweep / "trials" / tid / "interpret"
         json.loads((out / "metrics.json").read_text())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -358,8 +359,13 @@ def postprocess(sweep_dir: str | Path, settings: Settings = Settings(), workers:
         workers = max(1, min(workers or cpus, len(todo)))
         threads = max(1, cpus // workers)
         with progress(total=len(todo), desc="interpret", unit="trial") as bar:
-            for r in map_tasks(_task, [(str(d), settings, threads, force) for d in todo], workers, address):
+            calls = [(str(d), settings, threads, force) for d in todo]
+            for n, r in enumerate(map_tasks(_task, calls, workers, address), 1):
                 bar.update()
+                if bar.disable:  # a log (SLURM, CI) gets one line a trial instead of the bar
+                    state = f"failed: {r['error']}" if "error" in r else \
+                        "up to date" if r["skipped"] else f"interpreted in {r['seconds']:.1f} s"
+                    print(f"interpret {r['trial_id']}: {state} ({n}/{len(todo)})", file=sys.stderr, flush=True)
                 if "error" in r:
                     summary.failed[r["trial_id"]] = r["error"]
                 elif r["skipped"]:
