@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_text
-from .results import collect_rows, pivot
+from .results import cell_text, collect_rows, fmt_value, pivot
 
 SWEEP_FIGURES = {
     "accuracy": "Test accuracy by variant and schedule (mean and std over seeds)",
@@ -58,32 +58,23 @@ def _img(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4f}"
-    return html.escape(str(v))
+MUTED_TD = '<td class="muted">'
 
 
 def _pivot_table(p: dict[str, Any]) -> str:
     head = "".join(f"<th>{html.escape(s)}</th>" for s in p["schedules"])
     body = []
     for v in p["variants"]:
-        cells = []
-        for s in p["schedules"]:
-            c = p["cells"][f"{v}|{s}"]
-            if c["mean"] is None:
-                cells.append(f'<td class="muted">{html.escape("/".join(c["statuses"]))}</td>')
-            else:
-                text = f"{c['mean']:.4f}" + (f" ± {c['std']:.4f}" if c["n"] > 1 else "")
-                text += f" ({c['n']}/{c['of']})" if c["n"] < c["of"] else ""
-                cells.append(f"<td>{text}</td>")
-        body.append(f"<tr><td>{html.escape(v)}</td>{''.join(cells)}</tr>")
+        cells = [p["cells"][f"{v}|{s}"] for s in p["schedules"]]
+        tds = "".join((MUTED_TD if c["mean"] is None else "<td>") + html.escape(cell_text(c)) + "</td>" for c in cells)
+        body.append(f"<tr><td>{html.escape(v)}</td>{tds}</tr>")
     return f"<table><tr><th>variant</th>{head}</tr>{''.join(body)}</table>"
 
 
 def _rows_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt_value(r.get(c, '')))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -95,7 +86,8 @@ def build_html(sweep_dir: Path) -> str:
     """The report of a sweep folder as one HTML string."""
     rows = collect_rows(sweep_dir)
     name = sweep_dir.name
-    variants = list(dict.fromkeys(pivot(rows)["variants"]))
+    accuracy = pivot(rows)
+    variants = accuracy["variants"]
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(name)}: "
              f"vgg-xai report</title><style>{CSS}</style></head><body>",
              f"<h1>{html.escape(name)}</h1><p class=\"muted\">{len(rows)} trials; written "
@@ -103,7 +95,7 @@ def build_html(sweep_dir: Path) -> str:
              "<nav>" + "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in
                                [("results", "Results"), ("figures", "Figures")]
                                + [(f"v-{v}", v) for v in variants]) + "</nav>",
-             '<h2 id="results">Results</h2><h3>Test accuracy</h3>', _pivot_table(pivot(rows))]
+             '<h2 id="results">Results</h2><h3>Test accuracy</h3>', _pivot_table(accuracy)]
     for metric, title in METRICS.items():
         if _has(rows, metric):
             parts += [f"<h3>{html.escape(title)}</h3>", _pivot_table(pivot(rows, metric))]
@@ -122,7 +114,7 @@ def build_html(sweep_dir: Path) -> str:
         parts.append(f'<h2 id="v-{html.escape(v)}">Variant {html.escape(v)}</h2>')
         for r in (r for r in rows if r["variant"] == v):
             out = sweep_dir / "trials" / r["trial_id"] / "interpret"
-            facts = f"{r['status']}, {r['epochs']} epochs, test accuracy {_fmt(r['test_acc']) or 'n/a'}"
+            facts = f"{r['status']}, {r['epochs']} epochs, test accuracy {fmt_value(r['test_acc']) or 'n/a'}"
             parts.append(f"<h3>{html.escape(r['trial_id'])}</h3><p class=\"muted\">{html.escape(facts)}</p>")
             if not (out / "metrics.json").is_file():
                 why = "interpretation failed (see interpret/error.txt)" if (out / "error.txt").is_file() else \

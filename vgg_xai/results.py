@@ -128,18 +128,20 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
     return {"metric": metric, "variants": variants, "schedules": schedules, "cells": cells}
 
 
-def _cell_text(c: dict[str, Any]) -> str:
+def cell_text(c: dict[str, Any], pm: str = " ± ", missing: str | None = None) -> str:
+    """One pivot cell as text: mean, ``pm`` std when there are several seeds, (n/of) when some trials
+    have no value; ``missing`` (default: the trials' statuses) when none has."""
     if c["of"] == 0:
         return ""
     if c["mean"] is None:
-        return "/".join(c["statuses"])
-    text = f"{c['mean']:.4f}" + (f" ± {c['std']:.4f}" if c["n"] > 1 else "")
+        return "/".join(c["statuses"]) if missing is None else missing
+    text = f"{c['mean']:.4f}" + (f"{pm}{c['std']:.4f}" if c["n"] > 1 else "")
     return text + (f" ({c['n']}/{c['of']})" if c["n"] < c["of"] else "")
 
 
 def format_pivot(p: dict[str, Any], markdown: bool = False) -> str:
     head = ["variant"] + p["schedules"]
-    body = [[v] + [_cell_text(p["cells"][f"{v}|{s}"]) for s in p["schedules"]] for v in p["variants"]]
+    body = [[v] + [cell_text(p["cells"][f"{v}|{s}"]) for s in p["schedules"]] for v in p["variants"]]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
@@ -172,19 +174,11 @@ def _latex_escape(text: str) -> str:
 def pivot_latex(p: dict[str, Any]) -> str:
     """A booktabs tabular: variants as rows, schedules as columns, mean $\\pm$ std over seeds."""
 
-    def cell(c: dict[str, Any]) -> str:
-        if c["of"] == 0:
-            return ""
-        if c["mean"] is None:
-            return "--"
-        text = f"{c['mean']:.4f}" + (f" $\\pm$ {c['std']:.4f}" if c["n"] > 1 else "")
-        return text + (f" ({c['n']}/{c['of']})" if c["n"] < c["of"] else "")
-
     lines = [f"% {_latex_escape(p['metric'])}: mean $\\pm$ std over seeds (needs \\usepackage{{booktabs}})",
              "\\begin{tabular}{l" + "c" * len(p["schedules"]) + "}", "\\toprule",
              " & ".join(["variant"] + [_latex_escape(s) for s in p["schedules"]]) + " \\\\", "\\midrule"]
     for v in p["variants"]:
-        cells = [cell(p["cells"][f"{v}|{s}"]) for s in p["schedules"]]
+        cells = [cell_text(p["cells"][f"{v}|{s}"], " $\\pm$ ", "--") for s in p["schedules"]]
         lines.append(" & ".join([_latex_escape(v)] + cells) + " \\\\")
     return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
 
@@ -213,11 +207,12 @@ def render(rows: list[dict[str, Any]], metric: str = "test_acc", fmt: str = "tab
 def _rows_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(ROW_COLUMNS) + " |", "|" + "---|" * len(ROW_COLUMNS)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in ROW_COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt_value(r[c]) for c in ROW_COLUMNS) + " |")
     return "\n".join(lines)
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
+    """A table value as text: floats to 4 decimals, NaN as empty."""
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.4f}"
     return str(v)
