@@ -162,7 +162,7 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
 
     from . import checkpoint, features
     from .config import TrialConfig
-    from .data import load_cache
+    from .data import DeviceSplit, load_cache
     from .interpret import activations, cam, clusters, embedding, faithfulness, filters, metrics, probes, sanity
     from .model import build_model
     from .train import resolve_device
@@ -177,9 +177,10 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
         tick = now
 
     cfg = TrialConfig.from_dict(json.loads((trial_dir / "config.json").read_text()))
-    device = resolve_device("auto" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     prep = load_cache(cfg.data)
     test_x, test_y = prep.splits["test"]
+    test = DeviceSplit(test_x, test_y, prep.mean, prep.std, device)
     classes = prep.classes
 
     def load(name: str) -> torch.nn.Module:
@@ -187,14 +188,12 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
         net.load_state_dict(checkpoint.load(trial_dir / name)["model"])
         return net.to(device).eval()
 
-    def normalized(x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(x).float().div_(255)
-        return ((t - torch.as_tensor(prep.mean).view(1, 3, 1, 1).float())
-                / torch.as_tensor(prep.std).view(1, 3, 1, 1).float()).to(device)
+    def normalized(idx: np.ndarray | slice) -> torch.Tensor:
+        return test.normalize(test.images[idx].float().div_(255))
 
     trained, init = load("checkpoint.pt"), load("checkpoint_init.pt")
     idx = probes.probe_indices(test_y, seed=s.probe_seed, per_class=s.probes_per_class)
-    x = normalized(test_x[idx])
+    x = normalized(torch.from_numpy(idx))
     with torch.no_grad():
         preds = trained(x).argmax(1).cpu().numpy()
     a: dict[str, Any] = {"probes": {"indices": idx, "images": test_x[idx].transpose(0, 2, 3, 1),
@@ -215,7 +214,7 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
     a["through"] = {"layers": list(through), **{n: m[:c] for n, m in through.items()}}
     lap("filters")
 
-    hist = activations.bn_histograms(trained, normalized(test_x[: s.bn_batch]))
+    hist = activations.bn_histograms(trained, normalized(slice(0, s.bn_batch)))
     if hist:
         a["bn"] = {"layers": list(hist), **hist}
     lap("bn_histograms")
@@ -242,9 +241,11 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
     lap("sanity")
 
     dump = features.read(trial_dir / "features.h5")
-    emb = embedding.tsne(dump.features, seed=s.seed, perplexity=s.perplexity, n_jobs=threads, method=s.tsne_method)
+    # One PCA serves both: t-SNE starts from the first 50 components, the GMM from the first pca_dim.
+    z = embedding.pca(dump.features, max(50, s.pca_dim), s.seed)
+    emb = embedding.tsne(z[:, :50], seed=s.seed, perplexity=s.perplexity, n_jobs=threads, method=s.tsne_method)
     lap("tsne")
-    z = embedding.pca(dump.features, s.pca_dim, s.seed)
+    z = z[:, : s.pca_dim]
     # One BLAS thread: EM's matrices are at most pca_dim wide, too small for threads to pay, and
     # with threads every fit was 10-35x slower on a busy 2-core machine (measured).
     with threadpool_limits(1, user_api="blas"):
