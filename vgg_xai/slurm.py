@@ -177,16 +177,15 @@ class SweepJob(submitit.helpers.Checkpointable):
 
     @staticmethod
     def _node_ip() -> str:
-        """This node's address as the other nodes of the allocation reach it."""
-        ip = socket.gethostbyname(socket.gethostname())
-        if ip.startswith("127."):  # the hostname maps to loopback (Debian's /etc/hosts does): ask the routes
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                try:
-                    s.connect(("8.8.8.8", 80))  # what Ray does; a UDP connect sends nothing
-                    ip = s.getsockname()[0]
-                except OSError:
-                    pass
-        return ip
+        """This node's address as the other nodes of the allocation reach it: the first address its
+        hostname resolves to that is not loopback (Debian's /etc/hosts maps the hostname to 127.0.1.1)."""
+        name = socket.gethostname()
+        ips = [a[4][0] for a in socket.getaddrinfo(name, None, socket.AF_INET)]
+        outward = [ip for ip in ips if not ip.startswith("127.")]
+        if not outward:
+            raise RuntimeError(f"{name} resolves only to loopback ({', '.join(ips)}); a multi-node Ray needs an "
+                               "address the other nodes reach: fix the hostname's entry in /etc/hosts or DNS")
+        return outward[0]
 
     def _stop_ray(self) -> None:
         """Disconnect the driver, then stop the Ray nodes this task started."""
