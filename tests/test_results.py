@@ -293,3 +293,81 @@ def test_end_to_end_as_a_user_runs_it(sweep):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["pivot"] == pivot(collect_rows(sweep))
+
+
+# ---------------------------------------------------------------------------- pull: paths, never options or code
+
+# A stand-in for ssh that does what ssh and sshd do with rsync's command, without a network: it
+# takes [-l USER] [-p PORT] HOST COMMAND..., joins COMMAND with spaces and runs it with `sh -c`
+# (sshd hands the joined words to the login shell). Anything but localhost is refused.
+FAKE_SSH = """\
+import subprocess, sys
+args = sys.argv[1:]
+while args and args[0].startswith("-"):
+    args = args[2:] if args[0] in ("-l", "-p") else args[1:]
+if not args or args[0] != "localhost":
+    sys.exit(f"fake ssh: only localhost, not {args[:1]}")
+sys.exit(subprocess.call(["sh", "-c", " ".join(args[1:])]))
+"""
+
+
+@pytest.fixture
+def cli_pull(tmp_path):
+    """Run `vgg-xai results pull SRC DEST` as a user does, in an empty working folder, with ssh replaced
+    by FAKE_SSH and rsync told to split remote arguments the old way (RSYNC_OLD_ARGS=1, as some users
+    set it), so nothing but `pull` itself keeps a remote path from the remote shell."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "fake_ssh.py").write_text(FAKE_SSH)
+    env = {**os.environ, "RSYNC_RSH": f"{sys.executable} {tmp_path / 'fake_ssh.py'}", "RSYNC_OLD_ARGS": "1"}
+
+    def pull_(src: str, dest: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vgg_xai.cli", "results", "pull", "--", src, dest],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    pull_.work = work
+    return pull_
+
+
+@pytest.mark.parametrize("src,dest,message", [
+    ("-e sh -c 'touch CANARY' x:y", "h:d", "SRC \"-e sh -c 'touch CANARY' x:y\" begins with '-'"),
+    ("--rsh=sh -c 'touch CANARY' x:y", "d", "begins with '-' and would be read as an option"),
+    ("localhost:{sweep}", "-e sh -c 'touch CANARY' x", "DEST \"-e sh -c 'touch CANARY' x\" begins with '-'"),
+    ("{sweep}", "--version", "DEST '--version' begins with '-'"),
+    ("x;touch CANARY:y", "d", "the part before ':' is not an ssh host"),
+    ("$(touch CANARY):y", "d", "the part before ':' is not an ssh host"),
+    ("`touch CANARY`:y", "d", "the part before ':' is not an ssh host"),
+    ("u@-oProxyCommand=touch CANARY:y", "d", "the part before ':' is not an ssh host"),
+    ("{sweep}", "localhost:d", "DEST 'localhost:d' looks like HOST:PATH; pull copies from a cluster to here"),
+    ("{sweep}", "$(touch CANARY):d", "looks like HOST:PATH"),
+    ("seed; touch CANARY", "d", "no such folder"),
+    ("$(touch CANARY)", "d", "no such folder"),
+    ("localhost:{sweep}; touch CANARY", "d", "failed (exit 23)"),
+    ("localhost:{sweep}/$(touch CANARY)", "d", "failed (exit 23)"),
+    ("localhost:{sweep}/`touch CANARY`", "d", "failed (exit 23)"),
+])
+def test_pull_runs_no_text_of_src_or_dest(src, dest, message, sweep, cli_pull):
+    """Option and shell syntax in SRC or DEST: refused in one line, no command run, DEST not made."""
+    src, dest = (p.format(sweep=sweep) for p in (src, dest))
+    r = cli_pull(src, dest)
+    assert not list(cli_pull.work.iterdir())  # no CANARY, no DEST, nothing else
+    assert not (sweep / "CANARY").exists() and not (sweep.parent / "CANARY").exists()
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("vgg-xai: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pull_from_host_path_sends_the_path_whole(tmp_path, cli_pull):
+    """HOST:PATH through a remote shell: a path with spaces and shell characters is copied as written."""
+    sweep, small = make_sweep(tmp_path / "my results; $(touch CANARY) `touch CANARY`")
+    r = cli_pull(f"localhost:{sweep}", "pulled")
+    assert r.returncode == 0, r.stderr
+    assert _files(cli_pull.work / "pulled") == small
+    assert not list(tmp_path.rglob("CANARY"))
+
+
+def test_pull_of_a_local_folder_with_odd_names(tmp_path, cli_pull):
+    """`./` makes a name that begins with '-' or has a colon a local folder, for SRC and DEST."""
+    sweep, small = make_sweep(cli_pull.work / "-cluster:copy")
+    r = cli_pull("./-cluster:copy/seed", "./-here:now")
+    assert r.returncode == 0, r.stderr
+    assert _files(cli_pull.work / "-here:now") == small

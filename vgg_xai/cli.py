@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "  vgg-xai results pull SRC DEST\n"
                     "                               copy a sweep folder's spec, tables, figures, report and\n"
                     "                               per-trial metrics (never checkpoints or feature dumps)\n"
-                    "                               with rsync; SRC is HOST:PATH (over ssh) or a local folder",
+                    "                               with rsync; SRC is HOST:PATH (over ssh) or a local folder,\n"
+                    "                               DEST always a local folder (write ./NAME for a folder\n"
+                    "                               whose name begins with '-' or has a colon)",
         epilog="examples:\n"
                "  vgg-xai results results/seed\n"
                "  vgg-xai results results/seed --format latex --metric ari\n"

@@ -7,6 +7,7 @@ the sweep folder on the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -266,9 +267,28 @@ def pull_filters() -> list[str]:
     return rules + ["- *"]
 
 
-def _is_remote(src: str) -> bool:
+def _is_remote(path: str) -> bool:
     """rsync's rule: HOST:PATH (a colon before any slash) or an rsync:// URL."""
-    return src.startswith("rsync://") or re.match(r"^[^/]*:", src) is not None
+    return path.startswith("rsync://") or re.match(r"^[^/]*:", path) is not None
+
+
+# The [user@]host of an ssh HOST:PATH: a name from the ssh config, a DNS name or an IP address,
+# never text that ssh could read as one of its options or a shell could read as syntax.
+_SSH_HOST = re.compile(r"(?:[A-Za-z0-9_][\w.-]*@)?(?:[A-Za-z0-9_][\w.-]*|\[[0-9A-Fa-f:.]+\]):", re.ASCII)
+
+
+def _check_pull_paths(src: str, dest: str) -> None:
+    """Refuse a SRC or DEST that rsync or ssh would read as anything but a path."""
+    for key, path in (("SRC", src), ("DEST", dest)):
+        if path.startswith("-"):
+            raise UserError(f"{key} {path!r} begins with '-' and would be read as an option; "
+                            f"write ./{path} for a local folder of that name")
+    if _is_remote(dest):
+        raise UserError(f"DEST {dest!r} looks like HOST:PATH; pull copies from a cluster to here, so DEST is a "
+                        f"local folder (write ./{dest} for a local folder whose name has a colon)")
+    if _is_remote(src) and not src.startswith("rsync://") and not _SSH_HOST.match(src):
+        raise UserError(f"SRC {src!r}: the part before ':' is not an ssh host ([user@]host of letters, digits, "
+                        f"'.', '_' and '-'); pass HOST:PATH, or ./{src} for a local folder")
 
 
 def _size(n: int) -> str:
@@ -281,28 +301,38 @@ def _size(n: int) -> str:
 
 def pull(src: str, dest: str | Path) -> dict[str, Any]:
     """Copy a sweep folder's tables, figures, report and per-trial metrics from src (HOST:PATH over
-    ssh, or a local path) to dest with rsync; never checkpoints or feature dumps.
+    ssh, or a local path) to the local folder dest with rsync; never checkpoints or feature dumps.
 
     Returns {"files": the relative paths copied by this run, "bytes": their size, "dest": dest}.
     """
+    src = str(src)
+    _check_pull_paths(src, str(dest))
     rsync = shutil.which("rsync")
     if rsync is None:
         raise UserError("rsync not found; install rsync (e.g. `apt install rsync` or `brew install rsync`) "
                         "here and on the cluster")
-    src = str(src)
-    if not _is_remote(src):
+    remote = _is_remote(src)
+    if not remote:
         local = Path(src)
         if not local.is_dir():
             raise UserError(f"{src}: no such folder; pass HOST:PATH/results/<sweep> or a local sweep folder")
         if not any((local / p).exists() for p in ("trials", "tables", "spec.yaml")):
             raise UserError(f"{src}: not a sweep folder (no trials/, tables/ or spec.yaml); pass results/<sweep>")
     dest = Path(dest)
+    made = [d for d in (dest, *dest.parents) if not d.exists()]  # innermost first
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [rsync, "-a", "--prune-empty-dirs", "--out-format=%n\t%l"]
+    # -s sends the remote path inside rsync's protocol, so the remote shell never splits or runs it;
+    # it is --protect-args before rsync 3.2.7 and --secluded-args from then on, -s in every rsync
+    # since 3.0, and it wins over a user's RSYNC_OLD_ARGS. `--` and absolute local paths keep
+    # both paths from being read as options.
+    cmd = [rsync, "-a", "-s", "--prune-empty-dirs", "--out-format=%n\t%l"]
     cmd += [f"--filter={rule}" for rule in pull_filters()]
-    cmd += [src.rstrip("/") + "/", str(dest) + "/"]
+    cmd += ["--", (src if remote else str(Path(src).absolute())).rstrip("/") + "/", str(dest.absolute()) + "/"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        for d in made:  # a failed pull leaves no empty folder behind (rmdir keeps what was copied)
+            with contextlib.suppress(OSError):
+                d.rmdir()
         tail = "; ".join(line.strip() for line in proc.stderr.strip().splitlines()[-3:] if line.strip())
         raise UserError(f"rsync {src} -> {dest} failed (exit {proc.returncode}): {tail or 'no message'}")
     files, size = [], 0
