@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import io
 import json
+import os
+import pickle
+import pickletools
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -11,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASSES, SHARED_DATA, write_image_tree, write_tar
+from conftest import CLASSES, SHARED_DATA, write_batches, write_image_tree, write_tar
 from vgg_xai.data import (DeviceSplit, balanced_subset, load_cache, load_splits, make_augment, prepare,
                           split_train_valid)
 from vgg_xai.errors import UserError
@@ -189,6 +194,86 @@ def test_cli_refuses_cache_of_another_source_and_keeps_it(sources, tmp_path):
 def test_cli_train_without_cache_says_how_to_prepare(tmp_path):
     r = _cli("train", "--cache", str(tmp_path / "none.h5"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "vgg-xai data prepare" in r.stderr
+
+
+# ---------------------------------------------------------------------------- pickled batches: data, never code
+
+class _Payload:
+    """What a crafted batch file holds: an object whose unpickling calls ``call(*args)``."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def _crafted(call: str, canary) -> _Payload:
+    return {"os.system": _Payload(os.system, f"touch {canary}"),
+            "subprocess.Popen": _Payload(subprocess.Popen, ["touch", str(canary)]),
+            "builtins.eval": _Payload(eval, f"open({str(canary)!r}, 'w')")}[call]
+
+
+def _official_pickle(obj) -> bytes:
+    """obj pickled as the official files were, by Python 2's cPickle with numpy 1: bytes as Python 2
+    strings and numpy's core module named numpy.core (protocol 2, without the _codecs calls Python 3
+    makes for bytes there)."""
+
+    class Py2Pickler(pickle._Pickler):
+        def save_bytes(self, b: bytes) -> None:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(b)]) + b if len(b) < 256
+                       else pickle.BINSTRING + struct.pack("<i", len(b)) + b)
+            self.memoize(b)
+
+        dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+@pytest.mark.parametrize("call", ["os.system", "subprocess.Popen", "builtins.eval"])
+def test_a_batch_file_that_runs_code_is_refused(call, tiny_arrays, tmp_path):
+    """A crafted data_batch_3 in the official layout: one-line error naming the file and the global,
+    nothing run, no cache written."""
+    root = write_batches(tmp_path / "cifar-10-batches-py", tiny_arrays)
+    canary, cache = tmp_path / "CANARY", tmp_path / "cache" / "c.h5"
+    with open(root / "data_batch_3", "rb") as f:
+        batch = pickle.load(f)
+    batch[b"labels"] = _crafted(call, canary)
+    (root / "data_batch_3").write_bytes(pickle.dumps(batch))
+    with pytest.raises(UserError) as e:
+        prepare(root, cache)
+    msg = str(e.value)
+    assert msg.startswith(f"{root / 'data_batch_3'}: refused to load ") and len(msg.splitlines()) == 1
+    assert ("posix.system" if call == "os.system" else call) in msg
+    assert not canary.exists()
+    assert not cache.exists() and not (cache.parent.exists() and list(cache.parent.iterdir()))
+
+
+def test_cli_refuses_a_batch_file_that_runs_code(tiny_arrays, tmp_path):
+    root = write_batches(tmp_path / "cifar-10-batches-py", tiny_arrays)
+    canary = tmp_path / "CANARY"
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": _crafted("os.system", canary)}))
+    r = _cli("data", "prepare", "--source", str(root), "--cache", str(tmp_path / "c.h5"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"vgg-xai: error: {root / 'batches.meta'}: refused to load posix.system")
+    assert not canary.exists() and not (tmp_path / "c.h5").exists()
+
+
+@pytest.mark.parametrize("dumps", [pickle.dumps, _official_pickle], ids=["numpy2", "official"])
+def test_batches_with_numpy_arrays_still_prepare(dumps, tiny_arrays, tiny_cache, tmp_path):
+    """Arrays are data: labels as a numpy array, as this numpy pickles it and as the official files
+    spell it (numpy.core.multiarray._reconstruct), give the same cache as the image folder."""
+    root = write_batches(tmp_path / "cifar-10-batches-py", tiny_arrays)
+    for name in ("data_batch_2", "test_batch"):
+        with open(root / name, "rb") as f:
+            batch = pickle.load(f)
+        (root / name).write_bytes(dumps({**batch, b"labels": np.asarray(batch[b"labels"], dtype=np.int64)}))
+    globals_ = {a for op, a, _ in pickletools.genops((root / "test_batch").read_bytes())
+                if op.name in ("GLOBAL", "SHORT_BINUNICODE")}
+    assert ("numpy.core.multiarray _reconstruct" in globals_) == (dumps is _official_pickle)
+    assert _content(prepare(root, tmp_path / "c.h5")) == _content(tiny_cache)
 
 
 # ---------------------------------------------------------------------------- the real data

@@ -74,6 +74,28 @@ def fingerprint(source: Path) -> str:
     return h.hexdigest()
 
 
+# The only globals the official batch files name: the pieces of a numpy array (numpy 2 spells
+# the module numpy._core). Loading a pickle calls whatever globals it names, so a batch file from
+# anywhere else could run any code; these only rebuild arrays.
+_BATCH_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a cifar-10-batches-py file: dicts, lists, bytes, numbers and numpy arrays, nothing else."""
+
+    def __init__(self, f, path: Path):
+        super().__init__(f, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _BATCH_GLOBALS:
+            raise UserError(f"{self.path}: refused to load {module}.{name}: a CIFAR-10 batch file holds only "
+                            "arrays, lists and bytes, and this one names code to run; use the official "
+                            "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html")
+        return super().find_class(module, name)
+
+
 def _read_batches(source: Path) -> RawSplits:
     root = source if (source / "data_batch_1").is_file() else source / "cifar-10-batches-py"
 
@@ -84,7 +106,9 @@ def _read_batches(source: Path) -> RawSplits:
                             "test_batch and batches.meta")
         try:
             with open(path, "rb") as f:
-                return pickle.load(f, encoding="bytes")
+                return _BatchUnpickler(f, path).load()
+        except UserError:
+            raise
         except Exception as e:  # a corrupt pickle raises many kinds of error
             raise UserError(f"{path}: not a CIFAR-10 batch file ({type(e).__name__}: {e})") from None
 
