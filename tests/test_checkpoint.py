@@ -1,9 +1,11 @@
-"""Checkpoints that verify: a digest beside each one, and a full disk that leaves the file being
-replaced as it was. Real files and real trials."""
+"""Checkpoints that verify: a digest beside each one, a damaged latest one falling back to the one
+before, and a full disk that leaves the last good checkpoint as it was. Real files and real trials."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -19,12 +21,27 @@ from vgg_xai.config import TrialConfig
 from vgg_xai.errors import DamagedCheckpoint, DiskFull, UserError
 from vgg_xai.train import run_trial
 
+WARNING = "vgg-xai: warning:"
+
+
 def _cfg(cache: Path, **kw) -> TrialConfig:
     # augmentation on: a resume from the wrong state of its randomness shows in the weights
     base = dict(data=str(cache), width=0.125, epochs=3, batch_size=32, precision="fp32", device="cpu",
                 train_size=100, variant="bn_augment")
     base.update(kw)
     return TrialConfig(**base)
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_after(epoch: int):
+    def report(metrics, _ckpt):
+        if metrics["epoch"] == epoch:
+            raise Stop
+
+    return report
 
 
 def _truncate(path: Path) -> None:
@@ -38,6 +55,19 @@ def _flip(path: Path) -> None:
     for i in range(mid, mid + 4):
         data[i] ^= 0x5A
     path.write_bytes(bytes(data))
+
+
+def _epochs(trial_dir: Path) -> list[int]:
+    return [int(r["epoch"]) for r in csv.DictReader(open(trial_dir / "history.csv"))]
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith(WARNING)]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    ma, mb = checkpoint.load(a)["model"], checkpoint.load(b)["model"]
+    return ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +141,80 @@ def test_errors_cross_processes_whole(tmp_path):
         "free space and run the same command again")
 
 
+# ---------------------------------------------------------------------------- resuming past damage
+
+@pytest.mark.parametrize("damage, reason", [(_truncate, "truncated"), (_flip, "digest mismatch")],
+                         ids=["truncated", "flipped"])
+def test_damaged_latest_falls_back_to_previous(tiny_cache, tmp_path, uninterrupted, capsys, damage, reason):
+    cfg = _cfg(tiny_cache)
+    with pytest.raises(Stop):
+        run_trial(cfg, tmp_path, report=_stop_after(2))
+    assert checkpoint.load(tmp_path / "checkpoint.prev.pt")["epoch"] == 0
+    damage(tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+
+    kept = []  # the epoch of the previous checkpoint after each save: never the damaged one
+    result = run_trial(cfg, tmp_path, resume=True,
+                       report=lambda m, ckpt: kept.append(checkpoint.load(checkpoint.previous_path(ckpt))["epoch"]))
+    assert kept == [0, 1]
+    lines = _warnings(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    assert f"{tmp_path / 'checkpoint.pt'} is damaged ({reason}" in lines[0]
+    assert lines[0].endswith("resuming from checkpoint.prev.pt at epoch 2 of 3")
+    assert result.status == "completed" and result.epochs_completed == 3
+    assert _epochs(tmp_path) == [1, 2, 3]
+    assert [r["epoch"] for r in checkpoint.load(tmp_path / "checkpoint.pt")["history"]] == [1, 2, 3]
+    assert json.loads((tmp_path / "attempts.jsonl").read_text().splitlines()[-1])["start_epoch"] == 1
+    assert _same_weights(tmp_path / "checkpoint.pt", uninterrupted / "checkpoint.pt")
+
+
+def test_history_matches_the_checkpoint_it_falls_back_to(tiny_cache, tmp_path, capsys):
+    with pytest.raises(Stop):
+        run_trial(_cfg(tiny_cache), tmp_path, report=_stop_after(2))
+    assert _epochs(tmp_path) == [1, 2]
+    _truncate(tmp_path / "checkpoint.pt")
+    # The resumed run dies before its first epoch: attempts.jsonl, written right after the
+    # resume, cannot be opened.
+    (tmp_path / "attempts.jsonl").unlink()
+    (tmp_path / "attempts.jsonl").mkdir()
+    with pytest.raises(IsADirectoryError):
+        run_trial(_cfg(tiny_cache), tmp_path, resume=True)
+    assert len(_warnings(capsys.readouterr().err)) == 1
+    assert _epochs(tmp_path) == [1]
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert checkpoint.load(tmp_path / "checkpoint.prev.pt")["epoch"] == 0
+
+
+def test_a_fresh_start_drops_an_earlier_runs_checkpoints(tiny_cache, tmp_path):
+    cfg = _cfg(tiny_cache, epochs=2)
+    run_trial(cfg, tmp_path)
+    assert (tmp_path / "checkpoint.prev.pt").is_file()
+    with pytest.raises(Stop):
+        run_trial(cfg, tmp_path, report=_stop_after(1))  # not resumed: starts over
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 0
+    # the earlier run's last checkpoint is no state for this run to fall back to
+    assert not (tmp_path / "checkpoint.prev.pt").exists()
+
+
+def test_both_damaged_start_again(tiny_cache, tmp_path, uninterrupted, capsys):
+    cfg = _cfg(tiny_cache)
+    with pytest.raises(Stop):
+        run_trial(cfg, tmp_path, report=_stop_after(2))
+    _flip(tmp_path / "checkpoint.pt")
+    _truncate(tmp_path / "checkpoint.prev.pt")
+    capsys.readouterr()
+
+    result = run_trial(cfg, tmp_path, resume=True)
+    lines = _warnings(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    assert f"{tmp_path / 'checkpoint.pt'} is damaged (digest mismatch" in lines[0]
+    assert f"{tmp_path / 'checkpoint.prev.pt'} is damaged (truncated" in lines[0]
+    assert lines[0].endswith("starting again at epoch 1 of 3")
+    assert result.status == "completed" and _epochs(tmp_path) == [1, 2, 3]
+    assert json.loads((tmp_path / "attempts.jsonl").read_text().splitlines()[-1])["start_epoch"] == 0
+    assert _same_weights(tmp_path / "checkpoint.pt", uninterrupted / "checkpoint.pt")
+
+
 def test_postprocess_names_a_damaged_checkpoint(tiny_cache, tmp_path, uninterrupted):
     from vgg_xai.postprocess import interpret_trial
 
@@ -149,6 +253,31 @@ def _fill(folder: Path, leave: int) -> Path:
     with open(filler, "wb") as f:
         f.write(b"\0" * max(0, shutil.disk_usage(folder).free - leave))
     return filler
+
+
+def test_full_disk_keeps_the_last_checkpoint(tiny_cache, small_disk, uninterrupted):
+    trial = small_disk / "bn_dropout-lr1e-3-s0"
+    cfg = _cfg(tiny_cache)
+    state = {}
+
+    def fill_after_first(metrics, ckpt):
+        if metrics["epoch"] == 1:  # another writer takes the disk: half a checkpoint stays free
+            state["filler"] = _fill(small_disk, ckpt.stat().st_size // 2)
+
+    with pytest.raises(DiskFull) as e:
+        run_trial(cfg, trial, report=fill_after_first)
+    msg = str(e.value)
+    assert msg.startswith(f"no space left in {trial}: checkpoint.pt needs ") and "\n" not in msg
+    assert msg.endswith("free; free space and run the same command again")
+    assert e.value.folder == trial and e.value.needed > e.value.free
+    assert not [p.name for p in trial.iterdir() if ".tmp" in p.name]
+    assert checkpoint.load(trial / "checkpoint.pt")["epoch"] == 0  # intact and verified
+    assert (trial / "checkpoint.pt.sha256").is_file()
+
+    state["filler"].unlink()
+    result = run_trial(cfg, trial, resume=True)
+    assert result.status == "completed" and _epochs(trial) == [1, 2, 3]
+    assert _same_weights(trial / "checkpoint.pt", uninterrupted / "checkpoint.pt")
 
 
 def test_full_disk_in_atomic_writes(small_disk):

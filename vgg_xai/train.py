@@ -2,8 +2,8 @@
 
 It knows nothing of Ray or SLURM: it is handed a ``report(metrics, checkpoint_path)`` callable,
 and each of those wraps it in a few lines. Files it writes in ``out_dir``:
-config.json, checkpoint_init.pt, checkpoint.pt (after every epoch), history.csv, features.h5,
-result.json.
+config.json, checkpoint_init.pt, checkpoint.pt (after every epoch; the one before it is kept as
+checkpoint.prev.pt, each with its digest in a .sha256 file), history.csv, features.h5, result.json.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import math
 import os
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from . import checkpoint, features
 from .config import TrialConfig
 from .data import DeviceSplit, load_splits, make_augment
-from .errors import UserError
+from .errors import DamagedCheckpoint, UserError
 from .model import ConvNet, build_model
 from .progress import progress
 
@@ -177,12 +178,38 @@ def _check_resumable(saved: dict[str, Any], cfg: TrialConfig, path: Path) -> Non
                         f"{', '.join(diff)}); use another out dir or start without resume")
 
 
+def _last_good(path: Path, cfg: TrialConfig) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint of this trial that loads, ``path`` or else the previous one kept beside
+    it, as (its path, its contents); (None, None) when neither does. Passing over a damaged one
+    prints one line to stderr."""
+    damaged: list[DamagedCheckpoint] = []
+    source: Path | None = None
+    saved: dict[str, Any] | None = None
+    for p in (path, checkpoint.previous_path(path)):
+        if p.is_file():
+            try:
+                saved = checkpoint.load(p)
+            except DamagedCheckpoint as e:
+                damaged.append(e)
+                continue
+            source = p
+            _check_resumable(saved["config"], cfg, p)
+            break
+    if damaged:
+        then = (f"resuming from {source.name} at epoch {saved['epoch'] + 2} of {cfg.epochs}"
+                if source is not None and saved is not None else f"starting again at epoch 1 of {cfg.epochs}")
+        bad = "; ".join(f"{e.path} is damaged ({e.reason})" for e in damaged)
+        print(f"vgg-xai: warning: {bad}; {then}", file=sys.stderr, flush=True)
+    return source, saved
+
+
 def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = None,
               resume: bool | str | Path | None = None) -> TrialResult:
     """Train ``cfg`` for its epochs with Adam, then dump test-set features.
 
-    ``resume``: True continues from ``out_dir/checkpoint.pt`` when it exists; a path continues
-    from that checkpoint. A run interrupted after epoch k and resumed ends with the same
+    ``resume``: True continues from ``out_dir/checkpoint.pt`` when it exists, or, when that one is
+    damaged, from the previous one kept beside it (saying so in one line on stderr); a path
+    continues from that checkpoint. A run interrupted after epoch k and resumed ends with the same
     weights and history as an uninterrupted run (bitwise on the CPU).
 
     The ``l2`` switch is coupled weight decay: Adam's ``weight_decay=l2_coef`` adds
@@ -205,12 +232,18 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr_at(0), weight_decay=cfg.l2_coef if cfg.l2 else 0.0)
 
     ckpt_path = out / "checkpoint.pt"
-    resume_from = ckpt_path if resume is True else (Path(resume) if resume else None)
+    saved: dict[str, Any] | None = None
+    if resume is True:
+        source, saved = _last_good(ckpt_path, cfg)
+        if source is not None and source != ckpt_path:
+            # A damaged latest checkpoint must not be kept as the previous one by the next save.
+            checkpoint.discard(ckpt_path)
+    elif resume and Path(resume).is_file():
+        saved = checkpoint.load(resume)
+        _check_resumable(saved["config"], cfg, Path(resume))
     history: list[dict[str, Any]] = []
     start = 0
-    if resume_from is not None and resume_from.is_file():
-        saved = checkpoint.load(resume_from)
-        _check_resumable(saved["config"], cfg, resume_from)
+    if saved is not None:
         net.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         history = saved["history"]
@@ -218,7 +251,11 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
         torch.set_rng_state(saved["rng"]["torch"])
         if "cuda" in saved["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        _write_history(out / "history.csv", history)  # as resumed: a fallback drops the epochs it repeats
     else:
+        # Checkpoints of an earlier run in this folder are no state to fall back to.
+        checkpoint.discard(ckpt_path)
+        checkpoint.discard(checkpoint.previous_path(ckpt_path))
         checkpoint.save({"model": net.state_dict(), "config": cfg.to_dict(), "epoch": -1}, out / "checkpoint_init.pt")
     with open(out / "attempts.jsonl", "a") as f:  # who ran this trial, from which epoch
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start_epoch": start,
@@ -256,7 +293,8 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
                    images_per_s=len(train) / train_s, status="ok")
         history.append(row)
         checkpoint.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                         "rng": _rng_state(), "config": cfg.to_dict(), "history": history}, ckpt_path)
+                         "rng": _rng_state(), "config": cfg.to_dict(), "history": history}, ckpt_path,
+                        keep_previous=True)
         _write_history(out / "history.csv", history)
         if report is not None:
             report(dict(row), ckpt_path)
