@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,22 @@ VARIANTS: dict[str, dict[str, bool]] = {
 
 # Learning-rate schedules: name -> the short tag used in trial ids.
 SCHEDULES = {"const_1e-3": "lr1e-3", "const_1e-2": "lr1e-2", "alternate": "lralt"}
+
+
+# Names that become folders: a sweep's name, a variant's and so every trial id. One rule keeps
+# each a single path segment (no '/', no '..', no leading '-' or '.'), printable and short
+# enough for any file system, so a name can never put a folder outside its sweep.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+NAME_RULE = "1 to 128 letters, digits and _ . + -, beginning with a letter or digit, without '..'"
+
+
+def check_name(key: str, value: Any) -> str:
+    """value, if it is a valid name for a folder (NAME_RULE); else a one-line UserError naming key."""
+    if isinstance(value, str) and NAME_RE.fullmatch(value) and ".." not in value:
+        return value
+    long = isinstance(value, str) and len(value) > 60
+    shown = f"{value[:40]!r}... ({len(value)} characters)" if long else repr(value)
+    raise UserError(f"{key}: {shown} is not a valid name; use {NAME_RULE}")
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
@@ -81,6 +99,12 @@ class TrialConfig:
         _choice("lr_schedule", self.lr_schedule, list(SCHEDULES))
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
+        check_name("variant", self.variant)  # it names the trial's folder
+        # nan passes every range check below (all its comparisons are false), inf the open-ended ones.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{f.name}: must be a finite number, got {value}")
         preset = VARIANTS.get(self.variant)
         for s in SWITCHES:
             value = getattr(self, s)
@@ -213,9 +237,9 @@ class JobSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "spec") -> "JobSpec":
         _known(where, d, TOP_KEYS)
-        name = d.get("name")
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-            raise UserError(f"{where}: name: a sweep needs a name (a folder name under results), got {name!r}")
+        if d.get("name") is None:
+            raise UserError(f"{where}: name: a sweep needs a name (its folder under results)")
+        name = check_name(f"{where}: name", d["name"])
         data = dict(d.get("data") or {})
         _known(f"{where}: data", data, DATA_KEYS)
         data.setdefault("source", None)
@@ -238,6 +262,7 @@ class JobSpec:
                 settings[k] = data[k]
         variants = d.get("variants") or {}
         for vname, switches in variants.items():
+            check_name(f"{where}: variants", vname)
             if not isinstance(switches, dict):
                 raise UserError(f"{where}: variants.{vname}: expected a mapping of {', '.join(SWITCHES)}")
             _known(f"{where}: variants.{vname}", switches, SWITCHES)
@@ -248,8 +273,9 @@ class JobSpec:
         _known(f"{where}: resources", res, RESOURCE_KEYS)
         cpu, gpu = res.get("cpu", 1), res.get("gpu", 0)
         for key, v in (("cpu", cpu), ("gpu", gpu)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise UserError(f"{where}: resources.{key}: expected a number >= 0, got {v!r}")
+            finite = not isinstance(v, float) or math.isfinite(v)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not finite or v < 0:
+                raise UserError(f"{where}: resources.{key}: expected a finite number >= 0, got {v!r}")
         if gpu > 1 and gpu != int(gpu):
             raise UserError(f"{where}: resources.gpu: a fraction must be below 1 (0.25 packs four trials a GPU), got {gpu}")
         if cpu <= 0:
@@ -282,6 +308,7 @@ class JobSpec:
             except UserError as e:
                 raise UserError(f"{where}: {e}") from None
             tid = cfg.trial_id + "".join(f"-{k}{d[k]}" for k in shown)
+            check_name(f"{where}: the trial id made of {', '.join((*ID_AXES, *shown))}", tid)
             out.append((tid, cfg))
         ids = [t for t, _ in out]
         dup = sorted({t for t in ids if ids.count(t) > 1})
