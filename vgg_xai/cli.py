@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", help="submit a sweep to SLURM (and its post-processing job after it)",
         description="Submit a job spec to SLURM with submitit: one sweep job running Ray inside the "
                     "allocation (--mode ray) or one array task per trial (--mode array), then the "
-                    "post-processing job with an afterok dependency. Prints the job ids and the results folder.")
+                    "post-processing job after it, whatever its outcome (afterany). Prints the job ids and the results folder.")
     _add_spec_args(submit, "jobs/seed.yaml")
     submit.add_argument("--cluster", type=Path, required=True, help="the cluster profile, e.g. cluster/example-gpu.yaml")
     submit.add_argument("--mode", choices=("ray", "array"), default="ray",
@@ -293,10 +293,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     spec = _load_spec(args)
     if args.dry_run:
-        print(sweep.describe(sweep.plan(spec, data=args.data, prepare_data=False, check_local=not args.address)))
+        plan = sweep.plan(spec, data=args.data, dry_run=True, check_local=not args.address)
+        print(sweep.describe(plan))
+        for w in sweep.dry_run_warnings(plan):
+            print(f"vgg-xai: warning: {w}", file=sys.stderr)
         return 0
-    plan = sweep.plan(spec, data=args.data, force_new=args.force_new, check_local=not args.address)
-    outcome = sweep.run(plan, address=args.address)
+    sweep.check_inputs(spec, data=args.data, check_local=not args.address)  # bad input: nothing written yet
+    with sweep.driving(sweep.sweep_dir_of(spec)):
+        plan = sweep.plan(spec, data=args.data, force_new=args.force_new, check_local=not args.address)
+        outcome = sweep.run(plan, address=args.address)
     return 130 if outcome.unfinished else (1 if outcome.failed else 0)
 
 

@@ -99,9 +99,9 @@ def build_html(sweep_dir: Path) -> str:
     for metric, title in METRICS.items():
         if _has(rows, metric):
             parts += [f"<h3>{html.escape(title)}</h3>", _pivot_table(pivot(rows, metric))]
-    columns = [c for c in ("trial_id", "status", "epochs", "best_valid_acc", "test_acc", "ece", "ari", "nmi",
+    columns = [c for c in ("trial_id", "status", "note", "epochs", "best_valid_acc", "test_acc", "ece", "ari", "nmi",
                            "purity", "deletion_auc", "insertion_auc", "sanity_rho", "wall_s")
-               if c in ("trial_id", "status", "epochs") or _has(rows, c)]
+               if c in ("trial_id", "status", "epochs") or _has(rows, c) or (c == "note" and any(r["note"] for r in rows))]
     parts += ["<h3>Trials</h3>", _rows_table(rows, columns)]
 
     parts.append('<h2 id="figures">Figures</h2>')
@@ -114,7 +114,8 @@ def build_html(sweep_dir: Path) -> str:
         parts.append(f'<h2 id="v-{html.escape(v)}">Variant {html.escape(v)}</h2>')
         for r in (r for r in rows if r["variant"] == v):
             out = sweep_dir / "trials" / r["trial_id"] / "interpret"
-            facts = f"{r['status']}, {r['epochs']} epochs, test accuracy {fmt_value(r['test_acc']) or 'n/a'}"
+            facts = f"{r['status']}, {r['epochs']} epochs, test accuracy {fmt_value(r['test_acc']) or 'n/a'}" + \
+                (f" ({r['note']})" if r.get("note") else "")
             parts.append(f"<h3>{html.escape(r['trial_id'])}</h3><p class=\"muted\">{html.escape(facts)}</p>")
             if not (out / "metrics.json").is_file():
                 why = "interpretation failed (see interpret/error.txt)" if (out / "error.txt").is_file() else \

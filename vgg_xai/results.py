@@ -25,7 +25,7 @@ from .errors import UserError
 
 # The interpretation metrics taken from trials/<id>/interpret/metrics.json ["summary"].
 INTERPRET_METRICS = ["ari", "nmi", "purity", "ece", "deletion_auc", "insertion_auc", "sanity_rho"]
-ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "epochs", "best_valid_acc",
+ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "note", "epochs", "best_valid_acc",
                "best_epoch", "test_acc", *INTERPRET_METRICS, "wall_s"]
 # The columns `pivot` aggregates over seeds.
 METRICS = ["test_acc", "best_valid_acc", "best_epoch", "epochs", *INTERPRET_METRICS, "wall_s"]
@@ -40,6 +40,14 @@ def trial_status(trial_dir: Path) -> str:
     if (trial_dir / "error.txt").is_file():
         return "failed"
     return "running" if (trial_dir / "checkpoint.pt").is_file() else "pending"
+
+
+def trial_note(trial_dir: Path, status: str) -> str:
+    """Why a trial has no result: the last line of its error (failed), or that it never started."""
+    if status == "failed":
+        lines = [x for x in (trial_dir / "error.txt").read_text(errors="replace").splitlines() if x.strip()]
+        return lines[-1].strip() if lines else "failed"
+    return "not started" if status == "pending" else ""
 
 
 def _interpret_summary(trial_dir: Path) -> dict[str, float]:
@@ -67,8 +75,9 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
         if not cfg_file.is_file():
             continue
         cfg = json.loads(cfg_file.read_text())
+        status = trial_status(d)
         row: dict[str, Any] = {"trial_id": d.name, "variant": cfg["variant"], "lr_schedule": cfg["lr_schedule"],
-                               "seed": cfg["seed"], "status": trial_status(d), "epochs": 0,
+                               "seed": cfg["seed"], "status": status, "note": trial_note(d, status), "epochs": 0,
                                "best_valid_acc": math.nan, "best_epoch": 0, "test_acc": math.nan,
                                **_interpret_summary(d), "wall_s": math.nan}
         history = d / "history.csv"

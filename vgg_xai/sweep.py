@@ -8,7 +8,11 @@ where the trial stopped. A finished trial (result.json) is never run again.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import logging
 import math
 import os
 import secrets
@@ -17,16 +21,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
 from .checkpoint import atomic_write_text
 from .config import JobSpec, TrialConfig
-from .errors import UserError
+from .errors import DiskFull, UserError
 
 # Never phone home; must be set before ray is imported anywhere in this process.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -43,6 +48,8 @@ class Plan:
     sweep_dir: Path
     data: Path
     trials: list[tuple[str, TrialConfig]]  # every trial of the grid
+    changes: list[str] = field(default_factory=list)  # how the spec differs from the one this sweep started with
+    warnings: list[str] = field(default_factory=list)  # what this machine could not run (dry run only)
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.sweep_dir / "trials" / trial_id
@@ -65,63 +72,206 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def plan(spec: JobSpec, *, data: str | Path | None = None, force_new: bool = False,
-         prepare_data: bool = True, check_local: bool = True) -> Plan:
+def _identity(resolved: dict[str, Any]) -> dict[str, Any]:
+    """What must stay the same for a sweep to continue: the spec, and its data by content digest.
+
+    The path or archive that named the data is not part of it: the same images prepared from an
+    archive on a laptop and handed to a SLURM job as the prepared .h5 are the same sweep. A digest
+    not known (a dry run before the data was prepared, a sweep started by an older version) is not
+    compared.
+    """
+    data = {k: v for k, v in resolved["data"].items() if k not in ("source", "cache")}
+    if data.get("content_sha256") is None:
+        data.pop("content_sha256", None)
+    return {**resolved, "data": data}
+
+
+def sweep_dir_of(spec: JobSpec) -> Path:
+    return Path(spec.results).absolute() / spec.name
+
+
+# ---------------------------------------------------------------------------- one driver per sweep
+
+def _lock_path(sweep_dir: Path) -> Path:
+    # Beside the sweep folder, not in it: --force-new moves the folder aside while the lock is held.
+    return sweep_dir.parent / f".{sweep_dir.name}.driver"
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_holder(h: dict[str, Any]) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"])) if "since" in h else "?"
+    return f"PID {h.get('pid', '?')} on {h.get('host', '?')}, since {since}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def driving(sweep_dir: Path) -> Iterator[None]:
+    """Hold the sweep folder's driver lock for the block: one driver per sweep, on any host.
+
+    The lock is a flock, which the kernel drops when the driver dies however it dies, so a dead
+    driver's lock is free at once; its file names the holder (host, PID, start) for the refusal.
+    Where the file system has no flock (ENOLCK), the record alone decides: a holder on this host
+    whose PID is gone is stale and taken over.
+    """
+    path = _lock_path(Path(sweep_dir))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{sweep_dir}: another driver is running this sweep ({_describe_holder(_holder(path))}); "
+                            "wait for it to finish or stop it, then run the same command again") from None
+        except OSError as e:
+            if e.errno != errno.ENOLCK:
+                raise
+            h = _holder(path)
+            stale = not h or (h.get("host") == me["host"] and not _pid_alive(int(h.get("pid", 0))))
+            if not stale and h.get("pid") != me["pid"]:
+                raise UserError(f"{sweep_dir}: another driver is running this sweep ({_describe_holder(h)}); wait for "
+                                f"it, or delete {path} if that driver is gone") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # drops the flock
+
+
+def driver_of(sweep_dir: Path) -> str | None:
+    """Who drives the sweep now ('PID 12 on host, since ...'), or None when no driver holds it."""
+    try:
+        with driving(sweep_dir):
+            return None
+    except UserError:
+        return _describe_holder(_holder(_lock_path(Path(sweep_dir))))
+
+
+def check_inputs(spec: JobSpec, *, data: str | Path | None = None, check_local: bool = True,
+                 dry_run: bool = False) -> tuple[Path | None, Path, list[str]]:
+    """Every check of a sweep's input that needs no writing: (data source or None, cache, what this
+    machine lacks). Bad input raises UserError; what the machine lacks (``check_local``: the
+    resources and device a trial asks for) raises too, unless ``dry_run``."""
+    from .data import DEFAULT_CACHE, source_kind
+
+    lacking = _machine_problems(spec) if check_local else []
+    if lacking and not dry_run:
+        raise UserError(lacking[0])
+    source = data if data is not None else spec.data.get("source")
+    key = "--data" if data is not None else "data.source"
+    cache = Path(spec.data.get("cache") or Path(spec.results, DEFAULT_CACHE.relative_to("results"))).absolute()
+    if source is None:
+        return None, cache, lacking
+    if Path(source).suffix in (".h5", ".hdf5"):
+        if not Path(source).is_file():
+            raise UserError(f"{key}: {source}: no such file or folder; pass a prepared cache (.h5) or a CIFAR-10 "
+                            "source")
+        return None, Path(source).absolute(), lacking
+    try:
+        source_kind(Path(source))
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+    return Path(source), cache, lacking
+
+
+def plan(spec: JobSpec, *, data: str | Path | None = None, force_new: bool = False, dry_run: bool = False,
+         check_local: bool = True) -> Plan:
     """Resolve data and folders, check the spec against an earlier run of the same sweep.
 
-    Nothing is trained here. With ``prepare_data`` the driver prepares the data cache once, so
-    that trials read it by absolute path. With ``check_local`` the resources a trial asks for
-    are checked against this machine (else against the Ray cluster, once joined).
+    Nothing is trained here, and every check a user's input can fail happens here, before Ray
+    starts. The driver prepares the data cache once (trials read it by absolute path) and checks
+    its content against the digest stored when it was prepared. With ``check_local`` the resources
+    and device a trial asks for are checked against this machine (else against the Ray cluster,
+    once joined). Hold ``driving(sweep_dir_of(spec))`` around it when it is not a dry run.
+
+    ``dry_run``: prepare nothing and write nothing; what a real run would refuse is in
+    ``changes``, and what this machine could not run is in ``warnings`` instead of an error.
     """
-    from .data import DEFAULT_CACHE, prepare
+    from .data import cached_identity, prepare, verify_cache
 
-    if check_local:
-        import torch
-
-        check_resources(spec, os.cpu_count() or 1, torch.cuda.device_count(), "this machine")
-    results = Path(spec.results).absolute()
-    sweep_dir = results / spec.name
-    source = data if data is not None else spec.data.get("source")
-    cache = Path(spec.data.get("cache") or results / DEFAULT_CACHE.relative_to("results")).absolute()
-    if source is not None and Path(source).suffix in (".h5", ".hdf5") and Path(source).is_file():
-        cache, source = Path(source).absolute(), None
-    if prepare_data and (source is not None or not cache.is_file()):
-        cache = prepare(source, cache, split_seed=int(spec.data.get("split_seed", 0)))
+    source, cache, warnings = check_inputs(spec, data=data, check_local=check_local, dry_run=dry_run)
+    sweep_dir = sweep_dir_of(spec)
+    if dry_run:
+        digest = cached_identity(source, cache)
+    else:
+        if source is not None or not cache.is_file():
+            cache = prepare(source, cache, split_seed=int(spec.data.get("split_seed", 0)))
+        digest = verify_cache(cache)
     resolved = {**spec.to_dict(), "data": {**spec.data, "source": str(source) if source else None,
-                                           "cache": str(cache)}}
+                                           "cache": str(cache), "content_sha256": digest}}
     saved = sweep_dir / "spec.yaml"
-    if saved.is_file() and prepare_data:
-        old = yaml.safe_load(saved.read_text())
-        changes = _diff(old, resolved)
-        if changes and not force_new:
+    changes = []
+    if saved.is_file():
+        changes = _diff(_identity(yaml.safe_load(saved.read_text())), _identity(resolved))
+    if changes and not dry_run:
+        if not force_new:
             raise UserError(f"{sweep_dir}: the spec changed since this sweep started ({'; '.join(changes[:4])}); "
                             "run it under another name, or pass --force-new to start over (the old folder is kept)")
-        if changes:
-            aside = sweep_dir.with_name(f"{sweep_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.move(str(sweep_dir), aside)
-            print(f"started over: the earlier sweep was moved to {aside}", file=sys.stderr)
-    if prepare_data:
+        aside = sweep_dir.with_name(f"{sweep_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(sweep_dir), aside)
+        print(f"started over: the earlier sweep was moved to {aside}", file=sys.stderr)
+    p = Plan(spec, sweep_dir, cache, spec.trials(str(cache)), changes, warnings)
+    if not dry_run:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved, yaml.safe_dump(resolved, sort_keys=True))
-    return Plan(spec, sweep_dir, cache, spec.trials(str(cache)))
+        for tid, cfg in p.trials:  # every trial has a folder from the start: tables list the ones never run
+            if not (p.trial_dir(tid) / "config.json").is_file():
+                atomic_write_text(p.trial_dir(tid) / "config.json", cfg.to_json())
+    return p
 
 
-def check_resources(spec: JobSpec, cpus: float, gpus: float, where: str) -> None:
+def _machine_problems(spec: JobSpec) -> list[str]:
+    """What a trial asks of the machine it runs on that this machine lacks, one line each."""
+    import torch
+
+    out = resource_problems(spec, os.cpu_count() or 1, torch.cuda.device_count(), "this machine")
+    if not torch.cuda.is_available() and any(c.device == "cuda" for _, c in spec.trials("")):
+        out.append("device: cuda was asked for but torch sees no GPU here; set training.device: auto or cpu, "
+                   "or run where there are GPUs")
+    return out
+
+
+def resource_problems(spec: JobSpec, cpus: float, gpus: float, where: str) -> list[str]:
+    out = []
     if spec.cpu > cpus:
-        raise UserError(f"resources.cpu: {spec.cpu:g} per trial, but {where} has {cpus:g} CPUs; lower it")
+        out.append(f"resources.cpu: {spec.cpu:g} per trial, but {where} has {cpus:g} CPUs; lower it")
     if spec.gpu > gpus:
-        raise UserError(f"resources.gpu: {spec.gpu:g} per trial, but {where} has {gpus:g} GPUs; "
-                        "set resources.gpu: 0 or run where there are GPUs")
+        out.append(f"resources.gpu: {spec.gpu:g} per trial, but {where} has {gpus:g} GPUs; "
+                   "set resources.gpu: 0 or run where there are GPUs")
+    return out
 
 
 def describe(p: Plan) -> str:
     """The --dry-run text: every trial, its status and its resources."""
     lines = [f"sweep {p.spec.name}: {len(p.trials)} trials, {p.spec.cpu:g} CPU and {p.spec.gpu:g} GPU each, "
              f"retries {p.spec.retries}", f"results: {p.sweep_dir}", f"data: {p.data}"]
+    done = "finished under the earlier spec" if p.changes else "finished"
     for tid, cfg in p.trials:
-        status = "finished" if _finished(p.trial_dir(tid)) else "to run"
+        status = done if _finished(p.trial_dir(tid)) else "to run"
         lines.append(f"  {tid:<36} {cfg.arch} width {cfg.width:g} {cfg.head} epochs {cfg.epochs}  [{status}]")
     return "\n".join(lines)
+
+
+def dry_run_warnings(p: Plan) -> list[str]:
+    """What a dry run warns of: a real run that would be refused, resources this machine lacks."""
+    out = [f"a real run would be refused: the spec changed since this sweep started ({'; '.join(p.changes[:4])}); "
+           "run it under another name, or pass --force-new to start over"] if p.changes else []
+    return out + [f"this machine could not run it: {w}" for w in p.warnings]
 
 
 # ---------------------------------------------------------------------------- the Ray side
@@ -137,7 +287,8 @@ def _trainable(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config["cpus"])))
     import ray
 
-    os.environ["VGG_XAI_NODE"] = ray.util.get_node_ip_address()  # recorded in attempts.jsonl
+    os.environ["VGG_XAI_NODE"] = ray.util.get_node_ip_address()  # recorded in attempts.jsonl, with
+    os.environ["VGG_XAI_RAY"] = ray.get_runtime_context().gcs_address  # the Ray cluster that ran it
     out = Path(config["trial_dir"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "error.txt").unlink(missing_ok=True)
@@ -146,8 +297,17 @@ def _trainable(config: dict[str, Any]) -> None:
     tune.report({"done_status": result.status, "test_acc": result.test_acc, "epoch": result.epochs_completed})
 
 
+_reaper: subprocess.Popen | None = None  # the watcher of the embedded Ray this process started
+
+
 def ray_init(address: str | None = None, num_cpus: float | None = None, num_gpus: float | None = None) -> bool:
-    """Start Ray in this process on 127.0.0.1, or join ``address``; True when this call started it."""
+    """Start Ray in this process on 127.0.0.1, or join ``address``; True when this call started it.
+
+    An embedded Ray is this driver's alone: its own temp folder (sockets, session, logs) under
+    $RAY_TMPDIR or /tmp, its own ports, no dashboard, and a watcher (vgg_xai.reaper) that stops
+    whatever of it would outlive the driver. Stop it with ``ray_shutdown``.
+    """
+    global _reaper
     if not address:
         # A one-node Ray on loopback: Ray maps 127.0.0.1 to the machine's outward address unless
         # multi-node support is off (Ray's own setting on macOS and Windows). Read at import.
@@ -159,9 +319,30 @@ def ray_init(address: str | None = None, num_cpus: float | None = None, num_gpus
     if address:
         ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
         return True
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
+    # Short: Ray's AF_UNIX socket paths under it must stay below 108 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="vgg-xai-ray-", dir=os.environ.get("RAY_TMPDIR") or "/tmp")
+    try:
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", _temp_dir=temp_dir, configure_logging=False, log_to_driver=False)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    _reaper = subprocess.Popen([sys.executable, "-m", "vgg_xai.reaper", str(raylet), temp_dir],
+                               stdin=subprocess.PIPE, start_new_session=True)
     return True
+
+
+def ray_shutdown() -> None:
+    """Disconnect from Ray; an embedded Ray is stopped, and its watcher cleans up after it."""
+    global _reaper
+    import ray
+
+    ray.shutdown()
+    if _reaper is not None:
+        _reaper.stdin.close()  # the watcher's signal to finish
+        _reaper.wait()
+        _reaper = None
 
 
 # ---------------------------------------------------------------------------- several Ray nodes
@@ -435,9 +616,15 @@ def _fit(p: Plan, pending: list[tuple[str, TrialConfig]], address: str | None, s
     import ray
     from ray import tune
 
+    # Tune logs each failed attempt's traceback and the list of failed trials; the table shows the
+    # failures, error.txt keeps each one, and the summary after the sweep names them.
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         res = ray.cluster_resources()
-        check_resources(p.spec, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
+        problems = resource_problems(p.spec, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
+        if problems:
+            raise UserError(problems[0])
         table = LiveTable(pending, stream)
         space = [{"trial_id": t, "trial_dir": str(p.trial_dir(t)), "config": c.to_dict(), "cpus": p.spec.cpu}
                  for t, c in pending]
@@ -453,15 +640,42 @@ def _fit(p: Plan, pending: list[tuple[str, TrialConfig]], address: str | None, s
                 callbacks=[_callback(table)],
             ),
         )
+        full: DiskFull | None = None
         for r in tuner.fit():
             trial_dir = p.trial_dir(Path(r.path).name)  # Ray's trial folder is named by our trial id
-            if r.error is not None and not _finished(trial_dir):
-                atomic_write_text(trial_dir / "error.txt", f"{type(r.error).__name__}: {r.error}\n")
+            if r.error is None or _finished(trial_dir):
+                continue
+            cause = _user_error(r.error)
+            if isinstance(cause, DiskFull):  # not the trial's fault: the trial goes on from its checkpoint
+                full = full or cause
+                continue
+            try:
+                atomic_write_text(trial_dir / "error.txt", f"{type(cause or r.error).__name__}: {cause or r.error}\n")
+            except DiskFull as e:
+                full = full or e
         if table.tty:
             print(file=stream)
+        if full is not None:  # the rerun after space is freed continues every trial from its checkpoint
+            raise full
     finally:
         if started:
-            ray.shutdown()
+            ray_shutdown()
+
+
+def _user_error(err: BaseException) -> UserError | None:
+    """The UserError (one line for the user) a trial's error from Ray carries, if any: Ray wraps
+    the trial's exception, as its ``cause`` or as the chained exception."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None)  # Ray's wrapper (itself made an instance of the cause's class)
+        if isinstance(inner, BaseException):
+            err = inner
+        elif isinstance(err, UserError):
+            return err
+        else:
+            err = err.__cause__
+    return None
 
 
 def map_tasks(fn: Callable[..., Any], calls: list[tuple], workers: int, address: str | None = None):
@@ -485,4 +699,4 @@ def map_tasks(fn: Callable[..., Any], calls: list[tuple], workers: int, address:
             yield ray.get(ready[0])
     finally:
         if started:
-            ray.shutdown()
+            ray_shutdown()

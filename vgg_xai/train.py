@@ -259,7 +259,7 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
         checkpoint.save({"model": net.state_dict(), "config": cfg.to_dict(), "epoch": -1}, out / "checkpoint_init.pt")
     with open(out / "attempts.jsonl", "a") as f:  # who ran this trial, from which epoch
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start_epoch": start,
-                            "time": time.time(), "node": os.environ.get("VGG_XAI_NODE", socket.gethostname()),
+                            "time": time.time(), "node": os.environ.get("VGG_XAI_NODE", socket.gethostname()), "ray": os.environ.get("VGG_XAI_RAY"),
                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n")
 
