@@ -112,6 +112,13 @@ class SweepJob(submitit.helpers.Checkpointable):
         from . import sweep
 
         env = submitit.JobEnvironment()
+        if env.global_rank != 0:  # a Ray worker node; task 0 drives
+            self._multi_node(sweep, sweep.sweep_dir_of(self.spec), env, *_allocation(), plan=None)
+            return "worker"
+        with sweep.driving(sweep.sweep_dir_of(self.spec)):
+            return self._drive(sweep, env)
+
+    def _drive(self, sweep, env) -> str:
         cpus, gpus = _allocation()
         plan = sweep.plan(self.spec, data=self.data, check_local=False)
         nodes = env.num_nodes
@@ -121,18 +128,14 @@ class SweepJob(submitit.helpers.Checkpointable):
                 outcome = sweep.run(plan)
             finally:
                 if started:
-                    import ray
-
-                    ray.shutdown()
+                    sweep.ray_shutdown()
         else:
-            outcome = self._multi_node(sweep, plan, env, cpus, gpus)
-        if outcome is None:
-            return "worker"
+            outcome = self._multi_node(sweep, plan.sweep_dir, env, cpus, gpus, plan=plan)
         if outcome.failed:
             raise RuntimeError(f"trials failed after all retries: {', '.join(outcome.failed)}")
         return str(plan.sweep_dir)
 
-    def _multi_node(self, sweep, plan, env, cpus: int, gpus: int):
+    def _multi_node(self, sweep, sweep_dir: Path, env, cpus: int, gpus: int, plan):
         """Ray head + driver on task 0, Ray workers on the others (one task a node).
 
         The tasks meet through files in the sweep's slurm/ folder, which every node sees: the head's
@@ -142,12 +145,12 @@ class SweepJob(submitit.helpers.Checkpointable):
         test (tests/test_multinode.py: a head on 127.0.0.2, a worker on 127.0.0.3) shows with the same
         start_head, start_worker, wait_for_nodes and run.
         """
-        folder = plan.sweep_dir / "slurm"
+        folder = sweep_dir / "slurm"
         run = f"ray-{env.job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
         rendezvous, done = folder / f"{run}.json", folder / f"{run}.done"
         token = folder / "ray-token"  # made by start_head, readable by this user only
         ip = self._node_ip()
-        if env.global_rank == 0:
+        if plan is not None:  # task 0
             try:
                 head = sweep.start_head(ip, cpus, gpus, folder / "ray-logs" / f"{run}-head.log", token=token,
                                         temp_dir=f"/tmp/vgg-xai-ray-{env.job_id}")
@@ -190,8 +193,10 @@ class SweepJob(submitit.helpers.Checkpointable):
     def _stop_ray(self) -> None:
         """Disconnect the driver, then stop the Ray nodes this task started."""
         if "ray" in sys.modules:
+            from . import sweep
+
             try:
-                sys.modules["ray"].shutdown()
+                sweep.ray_shutdown()
             except Exception:  # noqa: BLE001 - the nodes must be stopped even if the driver is half gone
                 pass
         for node in getattr(self, "_nodes", []):
@@ -225,6 +230,13 @@ class PostprocessJob:
     def __call__(self) -> str:
         from .postprocess import postprocess
 
+        from .results import collect_rows
+
+        rows = collect_rows(self.sweep_dir)
+        if not any(r["status"] == "completed" for r in rows):
+            counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in sorted({r["status"] for r in rows}))
+            raise RuntimeError(f"nothing to post-process in {self.sweep_dir}: no trial completed ({counts or 'no trials'})"
+                               f"; see `vgg-xai status {self.sweep_dir}`")
         summary = postprocess(self.sweep_dir)
         if summary.failed:  # the job shows FAILED, and `vgg-xai status` shows this line
             raise RuntimeError("interpretation failed: " + "; ".join(f"{t}: {e}" for t, e in summary.failed.items()))
@@ -257,13 +269,21 @@ def _executor(folder: Path, profile: ClusterProfile, name: str, *, nodes: int, c
 
 def submit(spec: JobSpec, profile: ClusterProfile, *, data: str | None = None, mode: str = "ray",
            max_concurrent: int | None = None, force_new: bool = False) -> dict[str, Any]:
-    """Submit the sweep (or its array) and the post-processing job after it; returns what was submitted."""
+    """Submit the sweep (or its array) and the post-processing job after it (after any outcome: it
+    interprets what finished); returns what was submitted."""
     from . import sweep
 
     if mode not in ("ray", "array"):
         raise UserError(f"--mode: {mode!r} is not one of ray, array")
     check_profile(profile, spec, mode)
-    plan = sweep.plan(spec, data=data, force_new=force_new, check_local=False)
+    sweep.check_inputs(spec, data=data, check_local=False)
+    sweep_dir = sweep.sweep_dir_of(spec)
+    active = active_jobs(sweep_dir)
+    if active:
+        raise UserError(f"{sweep_dir}: this sweep's SLURM jobs are still queued or running ({', '.join(active)}); "
+                        f"wait for them (vgg-xai status {sweep_dir}) or stop them (vgg-xai cancel {sweep_dir})")
+    with sweep.driving(sweep_dir):  # no local driver on it now, and none while the folder is prepared
+        plan = sweep.plan(spec, data=data, force_new=force_new, check_local=False)
     folder = plan.sweep_dir / "slurm"
     name = f"vgg-xai-{spec.name}"
     jobs = []
@@ -285,13 +305,27 @@ def submit(spec: JobSpec, profile: ClusterProfile, *, data: str | None = None, m
         jobs += [{"role": "trial", "job_id": j.job_id, "trial_id": t} for j, (t, _) in zip(array, pending)]
         after = array[0].job_id.split("_")[0]
     post = _executor(folder, profile, f"{name}-post", nodes=1, cpus=profile.cpus_per_task, gpus=0,
-                     dependency=f"afterok:{after}")
+                     dependency=f"afterany:{after}")  # whatever the sweep's outcome: never pending for ever
     pjob = post.submit(PostprocessJob(str(plan.sweep_dir)))
     jobs.append({"role": "postprocess", "job_id": pjob.job_id})
     record = _read_jobs(plan.sweep_dir)
     record.append({"submitted": time.time(), "mode": mode, "jobs": jobs})
     atomic_write_text(plan.sweep_dir / JOBS, json.dumps(record, indent=2))
     return {"sweep_dir": str(plan.sweep_dir), "mode": mode, "jobs": jobs}
+
+
+# States in which a job still holds, or waits for, a place in the queue.
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+          "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+def active_jobs(sweep_dir: Path) -> list[str]:
+    """'ID (STATE)' of every job ever submitted for the sweep that is still queued or running."""
+    # By base id: sacct shows an array's pending tasks as one line, 12_[0-3], not as 12_0 ... 12_3.
+    ids = sorted({j["job_id"].split("_")[0] for record in _read_jobs(sweep_dir) for j in record["jobs"]})
+    if not ids:
+        return []
+    return [f"{jid} ({s['state']})" for jid, s in job_states(ids).items() if s["state"] in ACTIVE]
 
 
 def _read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -343,10 +377,14 @@ def status(sweep_dir: str | Path, tail: int = 15) -> str:
     rows = collect_rows(sweep_dir)
     if rows:
         lines.append("")
-        lines.append(f"{'trial':<36} {'status':<10} {'epoch':>5}  best valid")
+        lines.append(f"{'trial':<36} {'status':<10} {'epoch':>5}  {'best valid':<10}  why")
         for r in rows:
             best = "" if r["best_valid_acc"] != r["best_valid_acc"] else f"{r['best_valid_acc']:.4f}"
-            lines.append(f"{r['trial_id']:<36} {r['status']:<10} {r['epochs']:>5}  {best}")
+            lines.append(f"{r['trial_id']:<36} {r['status']:<10} {r['epochs']:>5}  {best:<10}  {r['note']}".rstrip())
+        missing = [r for r in rows if r["status"] not in ("completed", "diverged")]
+        if missing and not any(states.get(j["job_id"], {}).get("state") in ACTIVE for j in jobs):
+            lines.append(f"\n{len(missing)} of {len(rows)} trials have no result and no job of this sweep is queued; "
+                         f"`vgg-xai submit` the same spec again to run them")
     return "\n".join(lines)
 
 
