@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import secrets
+import shutil
+import subprocess
+import tempfile
 import tarfile
 from pathlib import Path
 
@@ -25,22 +29,31 @@ os.environ["http_proxy"] = os.environ["https_proxy"] = "http://127.0.0.1:9"
 os.environ["no_proxy"] = os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 
 
+# Every process these tests start carries this mark in its environment: children inherit it, and
+# so do Ray's daemons and workers and the SLURM jobs submitted from here. The tests look only at
+# processes with the mark, so that another user's Ray or SLURM on the same machine is neither
+# counted nor touched.
+RUN_MARK = f"{os.getpid()}-{secrets.token_hex(6)}"
+os.environ["VGG_XAI_TEST_RUN"] = RUN_MARK
+
+
 def processes(*needles: str) -> list[str]:
-    """Command lines of this machine's processes that contain any of ``needles``."""
+    """Command lines of the processes these tests started that contain any of ``needles``."""
+    mark = f"VGG_XAI_TEST_RUN={RUN_MARK}".encode()
     out = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
                 cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if any(k in cmd for k in needles) and mark in (p / "environ").read_bytes().split(b"\0"):
+                    out.append(cmd)
             except OSError:
                 continue
-            if any(k in cmd for k in needles):
-                out.append(cmd)
     return out
 
 
 def ray_processes() -> list[str]:
-    """Command lines of Ray daemons and workers running on this machine."""
+    """Command lines of the Ray daemons and workers these tests started that are still running."""
     return processes("raylet", "gcs_server", "ray::", "default_worker.py")
 
 
@@ -114,3 +127,42 @@ def tiny_cache(tmp_path_factory, sources) -> Path:
     from vgg_xai.data import prepare
 
     return prepare(sources["png"], tmp_path_factory.mktemp("cache") / "tiny.h5")
+
+
+# ---------------------------------------------------------------------------- SLURM
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_SLURM = REPO / "cluster" / "local-slurm" / "local-slurm"
+
+
+def _sinfo_ok() -> bool:
+    return shutil.which("sinfo") is not None and subprocess.run(
+        ["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running SLURM for the tests to submit to: the one SLURM_CONF names (CI starts one), else
+    the project's local one, started here in its own run directory and stopped at the end. A SLURM
+    the tests did not start is never stopped."""
+    if os.environ.get("SLURM_CONF"):
+        if not _sinfo_ok():
+            pytest.skip(reason=f"SLURM_CONF={os.environ['SLURM_CONF']} names a SLURM that does not answer sinfo")
+        yield
+        return
+    if shutil.which("slurmctld") is None:
+        pytest.skip(reason="SLURM is not installed here: run cluster/local-slurm/local-slurm install")
+    run_dir = tempfile.mkdtemp(prefix="vgg-xai-test-slurm-", dir="/tmp")  # short: munge's socket path
+    env = {**os.environ, "VGG_XAI_SLURM_DIR": run_dir}
+    r = subprocess.run([str(LOCAL_SLURM), "start", "--gpus", "2"], capture_output=True, text=True, timeout=300,
+                       env=env)
+    if r.returncode != 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        pytest.skip(reason=f"the local SLURM could not start: {r.stderr.strip().splitlines()[-1:]}")
+    os.environ["SLURM_CONF"] = r.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    try:
+        yield
+    finally:
+        subprocess.run([str(LOCAL_SLURM), "stop"], capture_output=True, timeout=120, env=env)
+        del os.environ["SLURM_CONF"]
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -138,17 +139,20 @@ def test_interrupted_driver_resumes_without_retraining_finished_trials(tmp_path,
 
 
 def test_a_trial_that_fails_for_good_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_cache):
-    spec = _spec(tmp_path, tiny_cache, grid={"variant": ["bn"], "lr_schedule": ["const_1e-3"],
-                                             "device": ["cpu", "cuda"]}, retries=1)
+    spec = _spec(tmp_path, tiny_cache, grid={"variant": ["bn"], "lr_schedule": ["const_1e-3"], "seed": [0, 1]},
+                 retries=1)
+    broken = tmp_path / "results" / "t" / "trials" / "bn-lr1e-3-s1"
+    (broken / "attempts.jsonl").mkdir(parents=True)  # every attempt of this trial fails where it writes
     proc = _sweep(spec)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, out
     rows = {r["trial_id"]: r for r in collect_rows(tmp_path / "results" / "t")}
-    assert rows["bn-lr1e-3-s0-devicecpu"]["status"] == "completed"
-    assert rows["bn-lr1e-3-s0-devicecuda"]["status"] == "failed"
-    err = (tmp_path / "results" / "t" / "trials" / "bn-lr1e-3-s0-devicecuda" / "error.txt").read_text()
-    assert "cuda" in err
-    assert "failed after 1 retries: bn-lr1e-3-s0-devicecuda" in out
+    assert rows["bn-lr1e-3-s0"]["status"] == "completed"
+    assert rows["bn-lr1e-3-s1"]["status"] == "failed"
+    assert "IsADirectoryError" in (broken / "error.txt").read_text()
+    assert "IsADirectoryError" in rows["bn-lr1e-3-s1"]["note"]
+    assert "failed after 1 retries: bn-lr1e-3-s1" in out
+    assert "Traceback" not in out  # Tune's own log of each failed attempt stays out of the output
     _no_ray_left()
 
 
@@ -174,18 +178,21 @@ def test_changed_spec_is_refused_and_force_new_keeps_the_old(tmp_path, tiny_cach
     ({"retries": -1}, "retries: expected a whole number >= 0"),
     ({"grid": {"epochs": [1, 2]}}, "epochs is set in both grid and training; set it once"),
     ({"training": {"epochs": "many"}}, "epochs: expected int"),
+    ({"training": {"device": "cuda"}}, "device: cuda was asked for but torch sees no GPU here"),
+    ({"data": {"source": "/nonexistent/cifar.tar.gz"}}, "data.source: /nonexistent/cifar.tar.gz: no such file"),
+    ({"data": {"source": "/nonexistent/cache.h5"}}, "data.source: /nonexistent/cache.h5: no such file or folder"),
 ])
 def test_bad_specs_fail_before_ray_starts(change, message, tmp_path, tiny_cache):
     import torch
 
-    if "gpu" in change.get("resources", {}) and torch.cuda.is_available():
+    if ("gpu" in change.get("resources", {}) or "device" in change.get("training", {})) and torch.cuda.is_available():
         pytest.skip("this machine has a GPU, so the request is valid")
     before = ray_processes()
     r = subprocess.run([sys.executable, "-m", "vgg_xai.cli", "sweep", str(_spec(tmp_path, tiny_cache, **change))],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "results" / "t").exists()
+    assert not (tmp_path / "results").exists()  # nothing written, not even the driver's lock
     assert ray_processes() == before
 
 
@@ -211,3 +218,226 @@ def test_job_specs_in_the_repo_are_valid():
     assert {c.arch for _, c in prelim} == {"simple_cnn"}
     seeds = np.unique([c.seed for _, c in specs["seed"].trials("/x")])
     assert list(seeds) == [0]
+
+
+# ---------------------------------------------------------------------------- the users' paths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vgg_xai.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def _errors(stderr: str) -> list[str]:
+    """stderr less Ray's start-up notice about token authentication."""
+    return [x for x in stderr.splitlines() if x.strip() and not x.startswith("Token authentication is enabled")]
+
+
+def test_dry_run_of_the_seed_study_plans_on_any_machine(tmp_path):
+    r = _cli("sweep", str(REPO / "jobs" / "seed.yaml"), "--dry-run", "--results", str(tmp_path / "results"))
+    assert r.returncode == 0, r.stderr
+    assert "sweep seed: 15 trials, 4 CPU and 0.25 GPU each" in r.stdout
+    assert r.stdout.count("[to run]") == 15
+    if (os.cpu_count() or 1) < 4:  # warned, not refused: a dry run is how one plans a cluster run
+        assert "vgg-xai: warning: this machine could not run it: resources.cpu: 4 per trial" in r.stderr
+    assert not (tmp_path / "results").exists()
+    r = _cli("sweep", str(REPO / "jobs" / "seed.yaml"), "--dry-run", "--data", str(tmp_path / "nowhere.tar.gz"))
+    assert r.returncode == 2 and "--data: " in r.stderr and "no such file or folder" in r.stderr
+
+
+def test_dry_run_says_when_the_real_run_would_be_refused(tmp_path, tiny_cache):
+    one = {"grid": {"variant": ["bn"], "lr_schedule": ["const_1e-3"]}, "training": {"epochs": 1}}
+    assert _cli("sweep", str(_spec(tmp_path, tiny_cache, **one))).returncode == 0
+    changed = _spec(tmp_path, tiny_cache, **{**one, "training": {"epochs": 2}})
+    r = _cli("sweep", str(changed), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "[finished under the earlier spec]" in r.stdout and "[finished]" not in r.stdout
+    assert "a real run would be refused: the spec changed since this sweep started (fixed.epochs: 1 -> 2)" in r.stderr
+    r = _cli("sweep", str(changed))
+    assert r.returncode == 2 and "the spec changed" in r.stderr
+
+
+def test_the_data_is_known_by_its_content_not_by_the_path_that_named_it(tmp_path, sources):
+    """A first run with --data an archive, the next with the cache it was prepared into: the same sweep."""
+    cache = tmp_path / "cache.h5"
+    spec = _spec(tmp_path, cache, data={"source": None, "cache": str(cache)},
+                 grid={"variant": ["bn"], "lr_schedule": ["const_1e-3"]}, training={"epochs": 1})
+    r = _cli("sweep", str(spec), "--data", str(sources["tar_gz"]))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _cli("sweep", str(spec), "--data", str(cache))
+    assert r.returncode == 0, r.stderr
+    assert "0 trials to run, 1 finished earlier" in r.stdout
+    saved = yaml.safe_load((tmp_path / "results" / "t" / "spec.yaml").read_text())["data"]
+    assert saved["content_sha256"] == h5py_attr(cache, "content_sha256")
+
+
+def h5py_attr(path: Path, name: str):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f.attrs[name]
+
+
+def test_a_damaged_cache_is_refused_before_ray_starts(tmp_path, tiny_cache):
+    import shutil
+
+    import h5py
+
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(tiny_cache, damaged)
+    with h5py.File(damaged, "r") as f:  # where the test images' bytes lie in the file (stored contiguous)
+        ds = f["test"]["images"]
+        offset = ds.id.get_offset() if ds.chunks is None else ds.id.get_chunk_info(0).byte_offset
+    with open(damaged, "r+b") as f:
+        f.seek(offset + 100)
+        byte = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    before = ray_processes()
+    r = _cli("sweep", str(_spec(tmp_path, damaged)))
+    assert r.returncode == 2 and len(_errors(r.stderr)) == 1, r.stderr
+    assert f"{damaged}: the data cache is damaged" in r.stderr and "--force" in r.stderr
+    assert not (tmp_path / "results" / "t" / "trials").exists()
+    assert ray_processes() == before
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _running(procs: list) -> list:
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_one_driver_per_sweep_and_a_killed_driver_leaves_nothing_running(tmp_path, tiny_cache):
+    spec = _spec(tmp_path, tiny_cache, grid={"lr_schedule": ["const_1e-3"]}, training={"epochs": 12})
+    trials = tmp_path / "results" / "t" / "trials"
+    first = _sweep(spec)
+    _wait_for(lambda: len(list(trials.glob("*/checkpoint.pt"))) == 2, 300, "both trials' first checkpoint", first)
+
+    second = _cli("sweep", str(spec))
+    assert second.returncode == 2 and len(_errors(second.stderr)) == 1, second.stderr
+    assert f"another driver is running this sweep (PID {first.pid} on " in second.stderr
+
+    ray = _descendants(first.pid)  # the embedded Ray: daemons, agents, workers, the watcher
+    assert any("raylet" in " ".join(p.cmdline()) for p in ray)
+    first.kill()  # SIGKILL: no handler, no finally
+    first.communicate()
+    _wait_for(lambda: not _running(ray), 15, "the killed driver's Ray processes to exit")
+    assert not list(Path("/tmp").glob(f"vgg-xai-ray-*/session_*_{first.pid}"))  # its temp folder is gone too
+
+    rerun = _cli("sweep", str(spec))  # the dead driver's lock is taken over
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    for d in trials.iterdir():
+        starts = [a["start_epoch"] for a in _attempts(d)]
+        assert starts.count(0) == 1 and starts[-1] >= 1, starts  # trained once from scratch, then resumed
+    assert all(r["status"] == "completed" for r in collect_rows(tmp_path / "results" / "t"))
+    _no_ray_left()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 100 MB file system (tmpfs), so that a sweep can run out of space; root only."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip(reason="mounting a small tmpfs to fill needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(reason=f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_continues(small_disk, tmp_path, tiny_cache):
+    # 60 of the 100 MB taken: two trials' checkpoints (8.8 MB each, the one before kept) fit for one
+    # epoch, not for three.
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (60 << 20))
+    spec = _spec(tmp_path, tiny_cache, grid={"lr_schedule": ["const_1e-3"]}, training={"epochs": 3},
+                 results=str(small_disk / "results"))
+    r = _cli("sweep", str(spec))
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = _errors(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"vgg-xai: error: no space left in {small_disk}/results/t/"), lines
+    assert "needs" in lines[0] and "free; free space and run the same command again" in lines[0]
+    assert "Traceback" not in r.stdout + r.stderr
+    from vgg_xai import checkpoint
+
+    trials = sorted((small_disk / "results" / "t" / "trials").iterdir())
+    for d in trials:  # what was computed is kept, and verifies
+        assert checkpoint.load(d / "checkpoint.pt")["epoch"] >= 0
+        assert not list(d.glob(".*tmp*"))
+
+    filler.unlink()
+    r = _cli("sweep", str(spec))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for d in trials:
+        assert json.loads((d / "result.json").read_text())["status"] == "completed"
+        assert _attempts(d)[-1]["start_epoch"] >= 1  # went on from its checkpoint
+    assert (small_disk / "results" / "t" / "report.html").is_file()
+    _no_ray_left()
+
+
+def test_another_users_ray_is_neither_counted_nor_stopped(tmp_path, tiny_cache):
+    """A shared machine is the normal machine: a Ray these tests did not start (its processes lack
+    their mark) is invisible to ray_processes(), and a sweep beside it neither joins nor stops it."""
+    import shutil
+
+    from vgg_xai.sweep import free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "VGG_XAI_TEST_RUN"}
+    temp = tempfile.mkdtemp(prefix="vgg-xai-other-", dir="/tmp")
+    ip = "127.0.0.4"  # a one-machine stand-in for another user's node, as in test_multinode
+    other = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                              f"--port={free_port(ip)}", f"--node-ip-address={ip}", "--num-cpus=1",
+                              "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def theirs() -> set[int]:
+        """The other Ray's GCS and raylet (the daemons that live as long as it does)."""
+        out = set()
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    cmd = (p / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if temp.encode() in cmd and (b"gcs_server" in cmd or b"raylet/raylet" in cmd):
+                    out.add(int(p.name))
+        return out
+
+    try:
+        running = _wait_for(lambda: len(theirs()) == 2 and theirs(), 120, "the other Ray to start")
+        assert not any(temp in cmd for cmd in ray_processes())
+        spec = _spec(tmp_path, tiny_cache, grid={"variant": ["bn"], "lr_schedule": ["const_1e-3"]},
+                     training={"epochs": 1})
+        r = _cli("sweep", str(spec))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads((tmp_path / "results" / "t" / "trials" / "bn-lr1e-3-s0" / "attempts.jsonl")
+                          .read_text().splitlines()[0])["ray"].startswith("127.0.0.1:")  # its own Ray, not theirs
+        _no_ray_left()
+        assert running <= theirs()  # still running, untouched
+    finally:
+        os.killpg(other.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+        try:
+            other.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(other.pid, signal.SIGKILL)
+            other.wait()
+        shutil.rmtree(temp, ignore_errors=True)
