@@ -129,6 +129,20 @@ def tiny_cache(tmp_path_factory, sources) -> Path:
     return prepare(sources["png"], tmp_path_factory.mktemp("cache") / "tiny.h5")
 
 
+# A stand-in for ssh that does what ssh and sshd do with rsync's command, without a network: it
+# takes [-l USER] [-p PORT] HOST COMMAND..., joins COMMAND with spaces and runs it with `sh -c`
+# (sshd hands the joined words to the login shell). Anything but localhost is refused.
+FAKE_SSH = """\
+import subprocess, sys
+args = sys.argv[1:]
+while args and args[0].startswith("-"):
+    args = args[2:] if args[0] in ("-l", "-p") else args[1:]
+if not args or args[0] != "localhost":
+    sys.exit(f"fake ssh: only localhost, not {args[:1]}")
+sys.exit(subprocess.call(["sh", "-c", " ".join(args[1:])]))
+"""
+
+
 # ---------------------------------------------------------------------------- SLURM
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import FAKE_SSH
 from vgg_xai.cli import main
 from vgg_xai.config import TrialConfig
 from vgg_xai.results import (INTERPRET_METRICS, ROW_COLUMNS, collect_rows, json_rows, pivot, pull_filters,
@@ -296,20 +297,6 @@ def test_end_to_end_as_a_user_runs_it(sweep):
 
 
 # ---------------------------------------------------------------------------- pull: paths, never options or code
-
-# A stand-in for ssh that does what ssh and sshd do with rsync's command, without a network: it
-# takes [-l USER] [-p PORT] HOST COMMAND..., joins COMMAND with spaces and runs it with `sh -c`
-# (sshd hands the joined words to the login shell). Anything but localhost is refused.
-FAKE_SSH = """\
-import subprocess, sys
-args = sys.argv[1:]
-while args and args[0].startswith("-"):
-    args = args[2:] if args[0] in ("-l", "-p") else args[1:]
-if not args or args[0] != "localhost":
-    sys.exit(f"fake ssh: only localhost, not {args[:1]}")
-sys.exit(subprocess.call(["sh", "-c", " ".join(args[1:])]))
-"""
-
 
 @pytest.fixture
 def cli_pull(tmp_path):

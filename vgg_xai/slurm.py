@@ -10,6 +10,7 @@ sweep from the trial folders, so finished trials are not run again.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -314,18 +315,19 @@ def submit(spec: JobSpec, profile: ClusterProfile, *, data: str | None = None, m
     return {"sweep_dir": str(plan.sweep_dir), "mode": mode, "jobs": jobs}
 
 
-# States in which a job still holds, or waits for, a place in the queue.
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-          "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
-
-
 def active_jobs(sweep_dir: Path) -> list[str]:
-    """'ID (STATE)' of every job ever submitted for the sweep that is still queued or running."""
-    # By base id: sacct shows an array's pending tasks as one line, 12_[0-3], not as 12_0 ... 12_3.
-    ids = sorted({j["job_id"].split("_")[0] for record in _read_jobs(sweep_dir) for j in record["jobs"]})
+    """'ID (STATE)' of every job ever submitted for the sweep that is still in the queue.
+
+    Read from squeue, whose queue is exactly the jobs that are pending or running: sacct leaves out
+    a job whose begin time is still ahead. By base id, since squeue shows an array's pending tasks
+    as one line (12_[0-3]).
+    """
+    ids = {j["job_id"].split("_")[0] for record in _read_jobs(sweep_dir) for j in record["jobs"]}
     if not ids:
         return []
-    return [f"{jid} ({s['state']})" for jid, s in job_states(ids).items() if s["state"] in ACTIVE]
+    queue = _run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T"])
+    return [f"{jid} ({state})" for jid, state in (line.split("|", 1) for line in queue.splitlines() if "|" in line)
+            if jid.split("_")[0] in ids]
 
 
 def _read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -382,7 +384,7 @@ def status(sweep_dir: str | Path, tail: int = 15) -> str:
             best = "" if r["best_valid_acc"] != r["best_valid_acc"] else f"{r['best_valid_acc']:.4f}"
             lines.append(f"{r['trial_id']:<36} {r['status']:<10} {r['epochs']:>5}  {best:<10}  {r['note']}".rstrip())
         missing = [r for r in rows if r["status"] not in ("completed", "diverged")]
-        if missing and not any(states.get(j["job_id"], {}).get("state") in ACTIVE for j in jobs):
+        if missing and not active_jobs(sweep_dir):
             lines.append(f"\n{len(missing)} of {len(rows)} trials have no result and no job of this sweep is queued; "
                          f"`vgg-xai submit` the same spec again to run them")
     return "\n".join(lines)
