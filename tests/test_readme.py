@@ -1,0 +1,237 @@
+"""Every command the README shows, run as written, in the README's order, as a user runs them.
+
+The README is a test: a command that is added, changed or removed there without being walked
+here fails `test_every_readme_command_is_walked`. Placeholders are filled in as a user would:
+PATH (and PATH/TO/cifar10) is the real CIFAR-10 archive, HOST:/scratch/me/ is this machine's
+walk-through folder reached over a stand-in ssh (no network). Commands run in a fresh folder
+holding the repo's jobs/ and cluster/ (so results/ is the test's own), but `pip install`, which
+installs a checkout, runs in the checkout. Where this machine cannot do what a command is for
+(the seed study needs GPUs, the example cluster profile a GPU partition), the command still runs
+as written and must fail in one clear line, before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_SSH, SHARED_DATA
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
+
+
+def readme_commands() -> list[str]:
+    """The command lines of the README's ```bash blocks, comments stripped, in order."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    lines = []
+    for block in blocks:
+        for line in block.splitlines():
+            cmd = line.split("  #")[0].strip()
+            if cmd and not cmd.startswith("#"):
+                lines.append(cmd)
+    return lines
+
+
+# How each README command is expected to end on a CPU-only machine like CI's: 0, or exit 2 and the
+# one line that says why this machine cannot do what the command is for.
+REFUSED_HERE = {
+    "vgg-xai sweep jobs/seed.yaml": "per trial, but this machine has",
+    "vgg-xai sweep jobs/seed.yaml --address auto": "resources.cpu: 4 per trial, but the Ray cluster has 2 CPUs",
+    "vgg-xai submit jobs/seed.yaml --cluster cluster/example-gpu.yaml":
+        "partition: 'gpu' does not exist on this cluster",
+    "vgg-xai status results/seed": "no SLURM jobs recorded",
+    "vgg-xai cancel results/seed": "no SLURM jobs recorded",
+}
+# The README's test command is this suite itself: CI runs it as written (.ci/run); here it would recurse.
+SUITE = "python -m pytest"
+
+
+def test_every_readme_command_is_walked():
+    walked = set(WALK) | set(REFUSED_HERE) | {SUITE}
+    assert set(readme_commands()) <= walked, set(readme_commands()) - walked
+    assert set(WALK) <= set(readme_commands()), set(WALK) - set(readme_commands())
+    assert any(line.strip() == SUITE for line in (REPO / ".ci" / "run").read_text().splitlines())
+    assert any(line.strip().startswith('python -m pip install --progress-bar off -e ".[dev]"')
+               for line in (REPO / ".ci" / "run").read_text().splitlines())
+
+
+class Shell:
+    """Runs command lines one at a time in bash, carrying exported variables (eval "$(... start)")
+    from one line to the next, as one terminal would."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]):
+        self.cwd, self.env = cwd, dict(env)
+
+    def run(self, line: str, timeout: float = 1800, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        envfile = self.cwd / ".env-after"
+        script = f"{line}\nrc=$?\nenv -0 > {shlex.quote(str(envfile))}\nexit $rc\n"
+        r = subprocess.run(["bash", "-c", script], cwd=cwd or self.cwd, env=self.env, capture_output=True, text=True,
+                           timeout=timeout)
+        if envfile.is_file():
+            self.env = dict(x.split("=", 1) for x in envfile.read_text().split("\0") if "=" in x)
+            envfile.unlink()
+        return r
+
+
+def _fill(line: str, work: Path) -> str:
+    line = line.replace("PATH/TO/cifar10", str(SHARED_DATA)).replace("--data PATH", f"--data {SHARED_DATA}")
+    return line.replace("HOST:/scratch/me/", f"localhost:{work}/")
+
+
+def _one_error_line(r: subprocess.CompletedProcess) -> str:
+    # Ray prints a notice about token authentication whenever it connects (the command here joins a
+    # cluster); that line is Ray's, and the one line of our own must be the only other.
+    lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("Token authentication is enabled")]
+    assert len(lines) == 1 and lines[0].startswith("vgg-xai: error: "), r.stderr
+    return lines[0]
+
+
+def _wait_for_jobs(shell: Shell, sweep: Path, timeout: float = 1800) -> dict[str, str]:
+    import json
+
+    ids = [j["job_id"] for j in json.loads((sweep / "slurm" / "jobs.json").read_text())[-1]["jobs"]]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)], env=shell.env,
+                             capture_output=True, text=True).stdout
+        states = {line.split("|")[0]: line.split("|")[1].split()[0] for line in out.splitlines() if "|" in line}
+        if len(states) == len(ids) and set(states.values()) <= FINAL:
+            return states
+        time.sleep(2)
+    raise AssertionError(f"jobs {ids} did not end")
+
+
+@pytest.fixture(scope="module")
+def walk(tmp_path_factory):
+    if not SHARED_DATA.is_file():
+        pytest.skip(reason=f"the real CIFAR-10 the README's PATH stands for is missing here ({SHARED_DATA})")
+    work = tmp_path_factory.mktemp("readme")
+    for name in ("jobs", "cluster"):
+        (work / name).symlink_to(REPO / name)
+    (work / "fake_ssh.py").write_text(FAKE_SSH)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "RSYNC_RSH": f"{sys.executable} {work / 'fake_ssh.py'}"}
+    return Shell(work, env)
+
+
+def _walk_line(walk: Shell, line: str, **kw) -> subprocess.CompletedProcess:
+    cwd = REPO if line.startswith("pip install") else None
+    r = walk.run(_fill(line, walk.cwd), cwd=cwd, **kw)
+    if line in REFUSED_HERE:
+        assert r.returncode == 2, (line, r.stdout, r.stderr)
+        assert REFUSED_HERE[line] in _one_error_line(r), r.stderr
+    else:
+        assert r.returncode == 0, (line, r.stdout[-3000:], r.stderr[-3000:])
+    return r
+
+
+# The README's commands this module runs to success, in the README's order (the lines in
+# REFUSED_HERE are walked in their places too).
+WALK = [
+    'pip install -e ".[dev]"',
+    "vgg-xai sweep jobs/smoke.yaml --data PATH/TO/cifar10",
+    "vgg-xai sweep jobs/smoke.yaml --data PATH",
+    "vgg-xai sweep jobs/seed.yaml --dry-run",
+    "vgg-xai postprocess results/smoke",
+    "vgg-xai postprocess results/smoke --workers 1",
+    "vgg-xai results results/smoke",
+    "vgg-xai results results/smoke --format latex --metric ari",
+    "vgg-xai results pull HOST:/scratch/me/results/smoke ./pulled/smoke",
+    "cluster/local-slurm/local-slurm install",
+    'eval "$(cluster/local-slurm/local-slurm start --gpus 2)"',
+    "vgg-xai submit jobs/smoke.yaml --cluster cluster/local.yaml --data PATH",
+    "vgg-xai status results/smoke",
+    "cluster/local-slurm/local-slurm stop",
+]
+
+
+def test_set_up_and_the_smoke_study(walk):
+    _walk_line(walk, 'pip install -e ".[dev]"', timeout=900)
+    r = _walk_line(walk, "vgg-xai sweep jobs/smoke.yaml --data PATH/TO/cifar10")
+    sweep = walk.cwd / "results" / "smoke"
+    assert "15 trials to run" in r.stdout and (sweep / "report.html").is_file()
+    assert len(list(sweep.glob("trials/*/result.json"))) == 15
+    # the same command again, as the Sweeps section shows it: nothing left to run
+    r = _walk_line(walk, "vgg-xai sweep jobs/smoke.yaml --data PATH")
+    assert "0 trials to run, 15 finished earlier" in r.stdout
+
+
+def test_sweeps_of_the_seed_study(walk, tmp_path):
+    from vgg_xai.sweep import free_port, start_head
+
+    _walk_line(walk, "vgg-xai sweep jobs/seed.yaml")
+    # a running Ray cluster to join: a head on a loopback address of its own, found through RAY_ADDRESS
+    token = tmp_path / "token"
+    head = start_head("127.0.0.5", 2, 0, tmp_path / "head.log", token=token,
+                      temp_dir=f"/tmp/vgg-xai-readme-{free_port('127.0.0.1')}")
+    try:
+        walk.env.update(RAY_ADDRESS=head.address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        _walk_line(walk, "vgg-xai sweep jobs/seed.yaml --address auto", timeout=300)
+    finally:
+        for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+            walk.env.pop(k, None)
+        head.stop()
+    r = _walk_line(walk, "vgg-xai sweep jobs/seed.yaml --dry-run")
+    assert "sweep seed: 15 trials" in r.stdout and r.stdout.count("[to run]") == 15
+
+
+def test_postprocessing_and_results(walk):
+    sweep = walk.cwd / "results" / "smoke"
+    for line in ("vgg-xai postprocess results/smoke", "vgg-xai postprocess results/smoke --workers 1"):
+        r = _walk_line(walk, line)
+        assert "interpreted 0 trials, 15 up to date" in r.stdout
+    r = _walk_line(walk, "vgg-xai results results/smoke")
+    assert "bn_augment" in r.stdout and "const_1e-2" in r.stdout
+    r = _walk_line(walk, "vgg-xai results results/smoke --format latex --metric ari")
+    assert r.stdout.startswith("\\begin{tabular}") or "\\begin{tabular}" in r.stdout
+    _walk_line(walk, "vgg-xai results pull HOST:/scratch/me/results/smoke ./pulled/smoke")
+    pulled = walk.cwd / "pulled" / "smoke"
+    assert (pulled / "report.html").is_file() and len(list(pulled.glob("trials/*/result.json"))) == 15
+    assert not list(pulled.rglob("*.pt")) and not list(pulled.rglob("*.h5"))
+    assert (sweep / "tables" / "accuracy.csv").read_text() == (pulled / "tables" / "accuracy.csv").read_text()
+
+
+def test_slurm_on_a_cluster_and_on_the_local_one(walk, tmp_path):
+    if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
+        pytest.skip(reason="the local SLURM needs root (cluster/local-slurm/local-slurm)")
+    # A folder of its own for the README's local SLURM, so that its `stop` stops only the one it started.
+    run_dir = Path(tempfile_dir())
+    walk.env["VGG_XAI_SLURM_DIR"] = str(run_dir)
+    walk.env.pop("SLURM_CONF", None)
+    local = Shell(tmp_path, walk.env)  # a fresh folder: this study is trained through SLURM
+    for name in ("jobs", "cluster", "fake_ssh.py"):
+        (tmp_path / name).symlink_to(walk.cwd / name)
+    try:
+        _walk_line(local, "cluster/local-slurm/local-slurm install", timeout=900)
+        _walk_line(local, 'eval "$(cluster/local-slurm/local-slurm start --gpus 2)"', timeout=300)
+        assert local.env["SLURM_CONF"].startswith(str(run_dir))
+        # the cluster profile of the example: this cluster has no GPU partition, and says so
+        _walk_line(local, "vgg-xai submit jobs/seed.yaml --cluster cluster/example-gpu.yaml")
+        _walk_line(local, "vgg-xai status results/seed")
+        _walk_line(local, "vgg-xai cancel results/seed")
+        r = _walk_line(local, "vgg-xai submit jobs/smoke.yaml --cluster cluster/local.yaml --data PATH")
+        assert re.search(r"^sweep\s+\d+", r.stdout, re.M) and re.search(r"^postprocess\s+\d+", r.stdout, re.M)
+        sweep = tmp_path / "results" / "smoke"
+        states = _wait_for_jobs(local, sweep)
+        assert set(states.values()) == {"COMPLETED"}, _walk_line(local, "vgg-xai status results/smoke").stdout
+        r = _walk_line(local, "vgg-xai status results/smoke")
+        assert r.stdout.count("COMPLETED") == 2 and r.stdout.count(" completed ") == 15, r.stdout
+        assert (sweep / "tables" / "accuracy.csv").is_file() and (sweep / "report.html").is_file()
+    finally:
+        _walk_line(local, "cluster/local-slurm/local-slurm stop", timeout=300)
+        subprocess.run(["rm", "-rf", str(run_dir)])
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="vgg-xai-readme-slurm-", dir="/tmp")  # short: munge's socket path
