@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import select
 import shutil
+import signal
 import sys
 
 import psutil
@@ -22,6 +23,10 @@ POLL_S = 1.0  # how often the raylet's descendants are looked at while the drive
 
 
 def watch(raylet_pid: int, temp_dir: str) -> None:
+    # Signals meant for the driver's job (SLURM's USR2 warning, its TERM at requeue, a hang-up) would
+    # end the watcher before its work; it ends when the pipe closes, or by SIGKILL.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     seen: list[psutil.Process] = []
     while True:
         ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
