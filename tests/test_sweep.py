@@ -441,3 +441,15 @@ def test_another_users_ray_is_neither_counted_nor_stopped(tmp_path, tiny_cache):
             os.killpg(other.pid, signal.SIGKILL)
             other.wait()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_an_address_where_nothing_answers_is_one_line(tmp_path, tiny_cache):
+    from vgg_xai.sweep import ADDRESS_TIMEOUT_S, free_port
+
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"  # free: nothing listens there
+    t0 = time.monotonic()
+    r = _cli("sweep", str(_spec(tmp_path, tiny_cache)), "--address", address, timeout=300)
+    assert r.returncode == 2 and len(_errors(r.stderr)) == 1, r.stderr
+    assert f"--address {address}: nothing answers there within {ADDRESS_TIMEOUT_S} s" in r.stderr
+    assert time.monotonic() - t0 < ADDRESS_TIMEOUT_S + 30
+    assert not (tmp_path / "results").exists()

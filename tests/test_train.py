@@ -90,7 +90,15 @@ def test_non_finite_loss_is_recorded_as_diverged(tiny_cache, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     assert [r["status"] for r in rows] == ["ok", "diverged"]
     assert (tmp_path / "checkpoint.pt").read_bytes() == before  # the last checkpoint is kept as it was
-    assert json.loads((tmp_path / "result.json").read_text())["status"] == "diverged"
+    saved = json.loads((tmp_path / "result.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+    assert saved["status"] == "diverged" and saved["test_acc"] is None and saved["test_loss"] is None
+    from vgg_xai.results import collect_rows
+
+    sweep = tmp_path.parent / f"{tmp_path.name}-sweep"  # a sweep folder around this one trial
+    (sweep / "trials").mkdir(parents=True)
+    (sweep / "trials" / "plain-lr1e-3-s0").symlink_to(tmp_path)
+    (row,) = collect_rows(sweep)
+    assert row["status"] == "diverged" and np.isnan(row["test_acc"])
 
 
 def test_features_dump_round_trip(tmp_path):

@@ -267,6 +267,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import TrialConfig, load_yaml
     from .train import run_trial
 
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: is a file; name a folder for the trial's files")
     settings = load_yaml(args.config) if args.config else {}
     for flag, (key, _, _) in _TRAIN_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -298,7 +300,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         for w in sweep.dry_run_warnings(plan):
             print(f"vgg-xai: warning: {w}", file=sys.stderr)
         return 0
-    sweep.check_inputs(spec, data=args.data, check_local=not args.address)  # bad input: nothing written yet
+    sweep.check_inputs(spec, data=args.data, check_local=not args.address, address=args.address)  # nothing written yet
     with sweep.driving(sweep.sweep_dir_of(spec)):
         plan = sweep.plan(spec, data=args.data, force_new=args.force_new, check_local=not args.address)
         outcome = sweep.run(plan, address=args.address)

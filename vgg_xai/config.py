@@ -38,6 +38,18 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "bn_l2_augment": dict(bn=True, dropout=False, l2=True, augment=True),
 }
 
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+SPLIT_SIZES = {"train": 40_000, "valid": 10_000, "test": 10_000}  # CIFAR-10 as prepared
+SUBSET_SIZES = {"train_size": "train", "valid_size": "valid", "test_size": "test"}
+
+# The range of every numeric trial setting, checked in one place. width: the narrowest conv layer
+# has 64 * width channels, so below 1/64 some layer would have none.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "width": (1 / 64, 64), "l2_coef": (0, 1e3), "dropout_p": (0, 1), "epochs": (1, 100_000),
+    "batch_size": (1, 1 << 20), "alternate_period": (1, 100_000), "seed": (0, 2**63 - 1),
+    "subset_seed": (0, 2**63 - 1), **{k: (len(CLASSES), SPLIT_SIZES[split]) for k, split in SUBSET_SIZES.items()},
+}
+
 # Learning-rate schedules: name -> the short tag used in trial ids.
 SCHEDULES = {"const_1e-3": "lr1e-3", "const_1e-2": "lr1e-2", "alternate": "lralt"}
 
@@ -117,19 +129,17 @@ class TrialConfig:
                 object.__setattr__(self, s, preset[s])
             elif not isinstance(value, bool):
                 raise UserError(f"{s}: expected true or false, got {value!r}")
-        if not self.width > 0:
-            raise UserError(f"width: must be > 0, got {self.width}")
-        for key in ("epochs", "batch_size", "alternate_period"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise UserError(f"{key}: must be a whole number >= 1, got {getattr(self, key)!r}")
-        for key in ("train_size", "valid_size", "test_size"):
+        for key, (low, high) in BOUNDS.items():
             v = getattr(self, key)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise UserError(f"{key}: must be a whole number >= 1 or null, got {v!r}")
-        if not 0 <= self.dropout_p < 1:
-            raise UserError(f"dropout_p: must be in [0, 1), got {self.dropout_p}")
-        if self.l2_coef < 0:
-            raise UserError(f"l2_coef: must be >= 0, got {self.l2_coef}")
+            if v is None:
+                continue
+            if not low <= v <= high or (key == "dropout_p" and v == high):
+                raise UserError(f"{key}: must be in [{low:g}, {high:g}{')' if key == 'dropout_p' else ']'}, got {v!r}")
+            if key in SUBSET_SIZES and v % len(CLASSES) != 0:
+                raise UserError(f"{key}: a class-balanced subset is a multiple of {len(CLASSES)} images, got {v}")
+        if self.batch_size > (self.train_size or SPLIT_SIZES["train"]):
+            raise UserError(f"batch_size: {self.batch_size} is more than the {self.train_size or SPLIT_SIZES['train']} "
+                            "training images (train_size); lower it")
 
     @property
     def trial_id(self) -> str:
@@ -191,7 +201,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"{p}: no such file")
     try:
-        d = yaml.safe_load(p.read_text())
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if d is None:
@@ -240,8 +252,15 @@ class JobSpec:
         if d.get("name") is None:
             raise UserError(f"{where}: name: a sweep needs a name (its folder under results)")
         name = check_name(f"{where}: name", d["name"])
-        data = dict(d.get("data") or {})
+        data = d.get("data") or {}
         _known(f"{where}: data", data, DATA_KEYS)
+        data = dict(data)
+        for k in ("source", "cache"):
+            if data.get(k) is not None and not isinstance(data[k], str):
+                raise UserError(f"{where}: data.{k}: expected a path, got {type(data[k]).__name__} {data[k]!r}")
+        split_seed = data.get("split_seed", 0)
+        if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+            raise UserError(f"{where}: data.split_seed: expected a whole number >= 0, got {split_seed!r}")
         data.setdefault("source", None)
         data.setdefault("cache", None)
         data.setdefault("split_seed", 0)
@@ -261,6 +280,9 @@ class JobSpec:
             if k in data:
                 settings[k] = data[k]
         variants = d.get("variants") or {}
+        if not isinstance(variants, dict):
+            raise UserError(f"{where}: variants: expected a mapping of names to switches, e.g. "
+                            "{{mine: {{bn: true, dropout: false, l2: true, augment: false}}}}")
         for vname, switches in variants.items():
             check_name(f"{where}: variants", vname)
             if not isinstance(switches, dict):
@@ -283,13 +305,16 @@ class JobSpec:
         retries = d.get("retries", 2)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise UserError(f"{where}: retries: expected a whole number >= 0, got {retries!r}")
+        for k, v in settings.items():  # a value, or a list of values to cross: never a mapping or nested list
+            if isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)):
+                raise UserError(f"{where}: {k}: expected a value or a list of values, got {v!r}")
         axes = {k: list(v) for k, v in settings.items() if isinstance(v, list)}
         for k, v in axes.items():
             if not v:
                 raise UserError(f"{where}: {k}: an empty list gives no trials")
         fixed = {k: v for k, v in settings.items() if not isinstance(v, list)}
         spec = cls(name=name, data=data, fixed=fixed, axes=axes, variants=dict(variants), cpu=float(cpu),
-                   gpu=float(gpu), retries=retries, results=str(d.get("results", "results")))
+                   gpu=float(gpu), retries=retries, results=_path(where, "results", d.get("results", "results")))
         spec.trials("/dev/null", where=where)  # every trial must be a valid TrialConfig
         return spec
 
@@ -321,6 +346,12 @@ class JobSpec:
         return {"name": self.name, "data": dict(self.data), "fixed": dict(self.fixed),
                 "axes": {k: list(v) for k, v in self.axes.items()}, "variants": dict(self.variants),
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "retries": self.retries}
+
+
+def _path(where: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise UserError(f"{where}: {key}: expected a folder path, got {value!r}")
+    return value
 
 
 def _known(where: str, d: dict[str, Any], allowed: tuple[str, ...]) -> None:

@@ -33,6 +33,7 @@ CACHE_FORMAT = 1
 VALID_FRACTION = 0.2  # 10,000 of the official 50,000 training images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm")
 DEFAULT_CACHE = Path("results/data/cifar10.h5")
+N_CLASSES = 10
 
 
 # ---------------------------------------------------------------------------- sources
@@ -160,6 +161,9 @@ def _image_tree(entries: dict[str, list[str]], source: Path) -> tuple[str, dict[
     if sorted(splits["train"]) != sorted(splits["test"]):
         raise UserError(f"{source}: train and test class folders differ "
                         f"(train: {', '.join(sorted(splits['train']))}; test: {', '.join(sorted(splits['test']))})")
+    if len(splits["train"]) != N_CLASSES:
+        raise UserError(f"{source}: {len(splits['train'])} class folders under train/ and test/ "
+                        f"({', '.join(sorted(splits['train']))}); CIFAR-10 has {N_CLASSES}")
     for split, classes in splits.items():
         for c, files in classes.items():
             if not files:
@@ -230,7 +234,13 @@ def _download(root: Path) -> Path:
 
 def read_source(source: Path) -> RawSplits:
     kind = source_kind(source)
-    return {"batches": _read_batches, "folder": _read_folder, "tar": _read_tar}[kind](source)
+    raw = {"batches": _read_batches, "folder": _read_folder, "tar": _read_tar}[kind](source)
+    if len(raw.classes) != N_CLASSES:  # a model with 10 outputs would fail on an 11th class mid-training
+        raise UserError(f"{source}: {len(raw.classes)} classes ({', '.join(raw.classes[:12])}); CIFAR-10 has {N_CLASSES}")
+    for name, y in (("train", raw.train_y), ("test", raw.test_y)):
+        if len(y) and not (0 <= y.min() and y.max() < N_CLASSES):
+            raise UserError(f"{source}: {name} labels outside 0..{N_CLASSES - 1}; not a CIFAR-10 source")
+    return raw
 
 
 # ---------------------------------------------------------------------------- the cache
@@ -266,6 +276,9 @@ def prepare(source: str | Path | None, cache: str | Path = DEFAULT_CACHE, *, spl
     one is never used.
     """
     cache = Path(cache).absolute()
+    check_cache_path(cache)
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise UserError(f"--split-seed: expected a whole number >= 0, got {split_seed!r}")
     if source is None:
         src = _download(cache.parent / "download")
     else:
@@ -320,6 +333,32 @@ class Prepared:
     mean: np.ndarray
     std: np.ndarray
     attrs: dict
+
+
+def check_cache_path(cache: Path) -> None:
+    """A cache path that can be written: not a folder, in a folder this user may write to."""
+    if cache.is_dir():
+        raise UserError(f"--cache {cache}: is a folder; name the cache file, e.g. {cache / 'cifar10.h5'}")
+    folder = next((p for p in (cache.parent, *cache.parent.parents) if p.exists()), None)
+    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--cache {cache}: {folder} is not a folder this user may write to; choose another --cache")
+
+
+def check_subsets(asked: dict[str, int | None], sizes: dict[str, int], cache: str | Path) -> None:
+    """A subset asks for at most what its split of the cache holds (else it would silently be all of it)."""
+    for split, n in asked.items():
+        if n is not None and n > sizes[split]:
+            raise UserError(f"{split}_size: {n}, but the {split} split of {cache} has {sizes[split]} images; "
+                            "lower it or leave it out (null: all of them)")
+
+
+def split_sizes(cache: str | Path) -> dict[str, int]:
+    """Images per split of a prepared cache, from its datasets' shapes (nothing is read)."""
+    try:
+        with h5py.File(cache, "r") as f:
+            return {s: int(f[s]["labels"].shape[0]) for s in ("train", "valid", "test")}
+    except (OSError, KeyError) as e:
+        raise UserError(f"{cache}: not a readable vgg-xai data cache ({e}); prepare it again") from None
 
 
 def content_digest(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
@@ -458,6 +497,7 @@ def load_splits(cfg_data: str | Path, device: torch.device, *, train_size: int |
     """The three splits of a cache on the device, subset as asked."""
     prep = load_cache(cfg_data)
     sizes = {"train": train_size, "valid": valid_size, "test": test_size}
+    check_subsets(sizes, {name: len(y) for name, (_, y) in prep.splits.items()}, cfg_data)
     out = {}
     for name, (x, y) in prep.splits.items():
         idx = balanced_subset(y, sizes[name], subset_seed)

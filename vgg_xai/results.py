@@ -89,8 +89,9 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 row.update(best_valid_acc=max(valid), best_epoch=valid.index(max(valid)) + 1)
         if (d / "result.json").is_file():
             r = json.loads((d / "result.json").read_text())
-            row.update(epochs=r["epochs_completed"], best_valid_acc=r["best_valid_acc"], best_epoch=r["best_epoch"],
-                       test_acc=r["test_acc"], wall_s=r["wall_s"])
+            num = lambda k: math.nan if r[k] is None else r[k]  # noqa: E731 - null: undefined (diverged)
+            row.update(epochs=r["epochs_completed"], best_valid_acc=num("best_valid_acc"), best_epoch=r["best_epoch"],
+                       test_acc=num("test_acc"), wall_s=num("wall_s"))
         rows.append(row)
     return rows
 

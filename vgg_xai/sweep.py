@@ -163,11 +163,18 @@ def driver_of(sweep_dir: Path) -> str | None:
 
 
 def check_inputs(spec: JobSpec, *, data: str | Path | None = None, check_local: bool = True,
-                 dry_run: bool = False) -> tuple[Path | None, Path, list[str]]:
+                 dry_run: bool = False, address: str | None = None) -> tuple[Path | None, Path, list[str]]:
     """Every check of a sweep's input that needs no writing: (data source or None, cache, what this
     machine lacks). Bad input raises UserError; what the machine lacks (``check_local``: the
-    resources and device a trial asks for) raises too, unless ``dry_run``."""
+    resources and device a trial asks for) raises too, unless ``dry_run``. An ``address`` must
+    answer."""
     from .data import DEFAULT_CACHE, source_kind
+
+    if address:
+        check_address(address)
+    results = Path(spec.results)
+    if results.exists() and not results.is_dir():
+        raise UserError(f"results: {results} is a file; name a folder for the sweep's results (--results)")
 
     lacking = _machine_problems(spec) if check_local else []
     if lacking and not dry_run:
@@ -181,12 +188,22 @@ def check_inputs(spec: JobSpec, *, data: str | Path | None = None, check_local: 
         if not Path(source).is_file():
             raise UserError(f"{key}: {source}: no such file or folder; pass a prepared cache (.h5) or a CIFAR-10 "
                             "source")
+        _check_subsets(spec, Path(source))
         return None, Path(source).absolute(), lacking
     try:
         source_kind(Path(source))
     except UserError as e:
         raise UserError(f"{key}: {e}") from None
     return Path(source), cache, lacking
+
+
+def _check_subsets(spec: JobSpec, cache: Path) -> None:
+    """Every trial's subsets against what the prepared cache holds, before any trial starts."""
+    from .data import check_subsets, split_sizes
+
+    sizes = split_sizes(cache)
+    for _, c in spec.trials(""):
+        check_subsets({"train": c.train_size, "valid": c.valid_size, "test": c.test_size}, sizes, cache)
 
 
 def plan(spec: JobSpec, *, data: str | Path | None = None, force_new: bool = False, dry_run: bool = False,
@@ -212,6 +229,8 @@ def plan(spec: JobSpec, *, data: str | Path | None = None, force_new: bool = Fal
         if source is not None or not cache.is_file():
             cache = prepare(source, cache, split_seed=int(spec.data.get("split_seed", 0)))
         digest = verify_cache(cache)
+    if digest is not None:
+        _check_subsets(spec, cache)
     resolved = {**spec.to_dict(), "data": {**spec.data, "source": str(source) if source else None,
                                            "cache": str(cache), "content_sha256": digest}}
     saved = sweep_dir / "spec.yaml"
@@ -317,7 +336,15 @@ def ray_init(address: str | None = None, num_cpus: float | None = None, num_gpus
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        check_address(address)
+    results = Path(spec.results)
+    if results.exists() and not results.is_dir():
+        raise UserError(f"results: {results} is a file; name a folder for the sweep's results (--results)")
+        try:
+            ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        except ConnectionError as e:
+            raise UserError(f"--address {address}: {str(e).splitlines()[0]}; start the cluster (ray start --head) "
+                            "or leave --address out to run on this machine") from None
         return True
     # Short: Ray's AF_UNIX socket paths under it must stay below 108 bytes.
     temp_dir = tempfile.mkdtemp(prefix="vgg-xai-ray-", dir=os.environ.get("RAY_TMPDIR") or "/tmp")
@@ -331,6 +358,31 @@ def ray_init(address: str | None = None, num_cpus: float | None = None, num_gpus
     _reaper = subprocess.Popen([sys.executable, "-m", "vgg_xai.reaper", str(raylet), temp_dir],
                                stdin=subprocess.PIPE, start_new_session=True)
     return True
+
+
+ADDRESS_TIMEOUT_S = 30  # how long a cluster's head may take to answer before --address is refused
+
+
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Refuse, in one line, an --address that is not HOST:PORT or 'auto', or where nothing answers
+    within ``timeout`` seconds (ray.init would wait there for ever). 'auto' is checked where
+    RAY_ADDRESS names the cluster; else Ray finds a local one itself, or says there is none."""
+    target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
+    if not target or target == "auto":
+        return
+    host, _, port = target.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address: {target!r} is not HOST:PORT or 'auto'")
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except OSError as e:
+            if time.monotonic() > end:
+                raise UserError(f"--address {target}: nothing answers there within {timeout:.0f} s ({e.strerror or e}); "
+                                "start the cluster (ray start --head) or leave --address out") from None
+            time.sleep(1)
 
 
 def ray_shutdown() -> None:

@@ -263,6 +263,9 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n")
 
+    if cfg.compile and device.type != "cuda":
+        print(f"vgg-xai: warning: compile: torch.compile is used on CUDA only; ignored on {device.type}",
+              file=sys.stderr, flush=True)
     model = torch.compile(net) if cfg.compile and device.type == "cuda" else net
     augment = make_augment().to(device) if cfg.augment else None
     train = splits["train"]
@@ -315,5 +318,8 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
         best_valid_acc=best["valid_acc"] if best else float("nan"), best_epoch=best["epoch"] if best else 0,
         test_loss=test_loss, test_acc=test_acc, wall_s=time.perf_counter() - t_start,
     )
-    checkpoint.atomic_write_text(out / "result.json", json.dumps(asdict(result), indent=2))
+    # Strict JSON: an undefined number (a diverged trial's test accuracy) is null, not a bare NaN.
+    checkpoint.atomic_write_text(out / "result.json", json.dumps(
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(result).items()},
+        indent=2, allow_nan=False))
     return result
