@@ -153,15 +153,6 @@ def driving(sweep_dir: Path) -> Iterator[None]:
         os.close(fd)  # drops the flock
 
 
-def driver_of(sweep_dir: Path) -> str | None:
-    """Who drives the sweep now ('PID 12 on host, since ...'), or None when no driver holds it."""
-    try:
-        with driving(sweep_dir):
-            return None
-    except UserError:
-        return _describe_holder(_holder(_lock_path(Path(sweep_dir))))
-
-
 def check_inputs(spec: JobSpec, *, data: str | Path | None = None, check_local: bool = True,
                  dry_run: bool = False, address: str | None = None) -> tuple[Path | None, Path, list[str]]:
     """Every check of a sweep's input that needs no writing: (data source or None, cache, what this
@@ -337,9 +328,6 @@ def ray_init(address: str | None = None, num_cpus: float | None = None, num_gpus
         return False
     if address:
         check_address(address)
-    results = Path(spec.results)
-    if results.exists() and not results.is_dir():
-        raise UserError(f"results: {results} is a file; name a folder for the sweep's results (--results)")
         try:
             ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
         except ConnectionError as e:
