@@ -171,8 +171,8 @@ def test_sweeps_of_the_seed_study(walk, tmp_path):
     _walk_line(walk, "vgg-xai sweep jobs/seed.yaml")
     # a running Ray cluster to join: a head on a loopback address of its own, found through RAY_ADDRESS
     token = tmp_path / "token"
-    head = start_head("127.0.0.5", 2, 0, tmp_path / "head.log", token=token,
-                      temp_dir=f"/tmp/vgg-xai-readme-{free_port('127.0.0.1')}")
+    temp_dir = f"/tmp/vgg-xai-readme-{free_port('127.0.0.1')}"  # short: Ray's socket paths
+    head = start_head("127.0.0.5", 2, 0, tmp_path / "head.log", token=token, temp_dir=temp_dir)
     try:
         walk.env.update(RAY_ADDRESS=head.address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
         _walk_line(walk, "vgg-xai sweep jobs/seed.yaml --address auto", timeout=300)
@@ -180,6 +180,7 @@ def test_sweeps_of_the_seed_study(walk, tmp_path):
         for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
             walk.env.pop(k, None)
         head.stop()
+        subprocess.run(["rm", "-rf", temp_dir])
     r = _walk_line(walk, "vgg-xai sweep jobs/seed.yaml --dry-run")
     assert "sweep seed: 15 trials" in r.stdout and r.stdout.count("[to run]") == 15
 
