@@ -240,7 +240,7 @@ def small_disk(tmp_path):
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], check=True,
                        capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot mount a tmpfs here: {getattr(e, 'stderr', '') or e}")
+        pytest.skip(reason=f"cannot mount a tmpfs here: {getattr(e, 'stderr', '') or e}")
     try:
         yield mnt
     finally:
