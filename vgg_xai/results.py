@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import SCHEDULES, VARIANTS
-from .errors import UserError
+from .errors import UserError, format_size
 
 # The interpretation metrics taken from trials/<id>/interpret/metrics.json ["summary"].
 INTERPRET_METRICS = ["ari", "nmi", "purity", "ece", "deletion_auc", "insertion_auc", "sanity_rho"]
@@ -301,14 +301,6 @@ def _check_pull_paths(src: str, dest: str) -> None:
                         f"'.', '_' and '-'); pass HOST:PATH, or ./{src} for a local folder")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""  # unreachable
-
-
 def pull(src: str, dest: str | Path) -> dict[str, Any]:
     """Copy a sweep folder's tables, figures, report and per-trial metrics from src (HOST:PATH over
     ssh, or a local path) to the local folder dest with rsync; never checkpoints or feature dumps.
@@ -361,4 +353,4 @@ def pull_summary(out: dict[str, Any]) -> str:
     n = len(out["files"])
     if n == 0:
         return f"{out['dest']}: up to date (0 files copied)"
-    return f"{out['dest']}: copied {n} file{'s' * (n != 1)} ({_size(out['bytes'])})"
+    return f"{out['dest']}: copied {n} file{'s' * (n != 1)} ({format_size(out['bytes'])})"
