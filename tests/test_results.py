@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,8 +26,8 @@ from PIL import Image
 from conftest import FAKE_SSH
 from vgg_xai.cli import main
 from vgg_xai.config import TrialConfig
-from vgg_xai.results import (INTERPRET_METRICS, ROW_COLUMNS, collect_rows, json_rows, pivot, pull_filters,
-                             write_tables)
+from vgg_xai.results import (INTERPRET_METRICS, LOWER_IS_BETTER, METRICS, ROW_COLUMNS, collect_rows, format_pivot,
+                             json_rows, pivot, pull_filters, ranked, write_tables)
 from vgg_xai.train import HISTORY_COLUMNS, TrialResult
 
 # (variant, schedule) -> test accuracy per seed; bn_augment has an underscore for LaTeX to escape.
@@ -224,7 +225,13 @@ def test_without_trials_it_reads_tables_accuracy_json(sweep, tmp_path, capsys):
     (["{tmp}/nowhere"], "not a sweep folder"),
     (["{sweep}", "extra"], "to copy from a cluster use `vgg-xai results pull SRC DEST`"),
     (["pull", "{sweep}"], "results pull: expected SRC DEST"),
-    (["pull", "{sweep}", "{tmp}/d", "--format", "csv"], "--format and --metric are for reading a folder"),
+    (["pull", "{sweep}", "{tmp}/d", "--format", "csv"], "--format, --metric, --sort and --top are for reading a folder"),
+    (["pull", "{sweep}", "{tmp}/d", "--sort", "ari"], "--format, --metric, --sort and --top are for reading a folder"),
+    (["{sweep}", "--sort", "accuracy"], "--sort: 'accuracy' is not one of test_acc, best_valid_acc"),
+    (["{sweep}", "--top", "3"], "--top: ranks trials by --sort METRIC; e.g. --sort test_acc --top 3"),
+    (["{sweep}", "--sort", "ari", "--top", "0"], "--top: must be >= 1, got 0"),
+    (["{sweep}", "--sort", "ari", "--metric", "ari"], "--metric picks the pivot's metric, --sort the one"),
+    (["{sweep}", "--sort", "ari", "--format", "latex"], "--format latex is the pivot's; with --sort use table, md"),
     (["pull", "{tmp}/nowhere", "{tmp}/d"], "no such folder"),
     (["pull", "{tmp}", "{tmp}/d"], "not a sweep folder (no trials/, tables/ or spec.yaml)"),
 ])
@@ -233,7 +240,109 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, sweep, tmp_path, capsys
     assert rc == 2 and out == ""
     assert err.startswith("vgg-xai: error: ") and message in err and len(err.strip().splitlines()) == 1
     if "accuracy" in argv:
-        assert "ari, nmi, purity, ece, deletion_auc, insertion_auc, sanity_rho" in err
+        assert "ari, nmi, purity, ece, deletion_auc, insertion_auc, sanity_rho, wall_s" in err
+
+
+# ---------------------------------------------------------------------------- --sort / --top
+
+TEST_ACC = {f"{v}-{'lr1e-3' if s == 'const_1e-3' else 'lralt'}-s{seed}": acc
+            for (v, s), accs in ACC.items() for seed, acc in enumerate(accs)}
+RANK_HEAD = ["trial_id", "variant", "lr_schedule", "seed", "status"]
+RANK_TAIL = ["test_acc", "best_valid_acc", "epochs", "wall_s"]
+
+
+def test_sort_prints_the_best_trials_first(sweep, capsys):
+    rc, out, err = run(capsys, sweep, "--sort", "test_acc", "--top", "3")
+    assert rc == 0, err
+    title, table = out.split("\n\n")
+    assert title == "trials by test_acc, best first (higher is better; no value last): 3 of 9"
+    lines = table.splitlines()
+    assert lines[0].split() == RANK_HEAD + RANK_TAIL and set(lines[1]) <= {"-", " "}
+    best = sorted(TEST_ACC, key=TEST_ACC.get, reverse=True)[:3]
+    assert [x.split()[0] for x in lines[2:]] == best
+    assert lines[2].split()[5:] == ["0.7421", "0.7321", "3", "12.5"]  # accuracies to 4 decimals, counts whole
+
+
+def test_sort_csv_holds_every_trial_with_no_value_last(sweep, capsys):
+    rc, out, err = run(capsys, sweep, "--sort", "test_acc", "--format", "csv")
+    assert rc == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == RANK_HEAD + RANK_TAIL  # the metric ranked by is test_acc itself: not twice
+    assert [r["trial_id"] for r in rows] == sorted(TEST_ACC, key=TEST_ACC.get, reverse=True) + [FAILED.trial_id]
+    assert rows[-1]["test_acc"] == "" and rows[-1]["status"] == "failed"
+    assert [float(r["test_acc"]) for r in rows[:-1]] == sorted(TEST_ACC.values(), reverse=True)
+
+
+def test_sort_json_and_md_by_an_interpretation_metric(sweep, capsys):
+    rc, out, err = run(capsys, sweep, "--sort", "ari", "--format", "json")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert (data["sort"], data["order"], data["top"], data["of"]) == ("ari", "descending", None, 9)
+    assert list(data["rows"][0]) == RANK_HEAD + ["ari"] + RANK_TAIL
+    aris = [r["ari"] for r in data["rows"]]
+    assert aris[:7] == sorted(ARI(a) for t, a in TEST_ACC.items() if t != NOT_INTERPRETED)[::-1]
+    assert aris[7:] == [None, None]  # no interpretation: last, in trial-id order
+    assert [r["trial_id"] for r in data["rows"][7:]] == sorted([NOT_INTERPRETED, FAILED.trial_id])
+    rc, out, err = run(capsys, sweep, "--sort", "best_valid_acc", "--top", "2", "--format", "md")
+    assert rc == 0, err
+    assert "| trial_id | variant | lr_schedule | seed | status | best_valid_acc | test_acc | epochs | wall_s |" in out
+    assert out.count("| bn_augment-lr1e-3-") == 2 and "| 0.7321 | 0.7421 | 3 | 12.5 |" in out
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_ranked_goes_the_better_way_with_missing_values_last(metric):
+    values = [0.3, math.nan, 0.1, None, 0.2]
+    rows = [{"trial_id": f"t{i}", metric: v} for i, v in enumerate(values)]
+    got = [r["trial_id"] for r in ranked(rows, metric)]
+    better_first = ["t2", "t4", "t0"] if metric in LOWER_IS_BETTER else ["t0", "t4", "t2"]
+    assert got == better_first + ["t1", "t3"]
+    assert [r["trial_id"] for r in ranked(rows, metric, top=2)] == better_first[:2]
+    assert set(LOWER_IS_BETTER) == {"ece", "deletion_auc", "sanity_rho", "wall_s"}
+
+
+# ---------------------------------------------------------------------------- how numbers are written
+
+def test_tables_name_their_metric_and_print_counts_whole(sweep, tmp_path, capsys):
+    assert format_pivot(pivot(collect_rows(sweep))).splitlines()[0].startswith("test_acc: mean ± std over seeds")
+    rc, out, _ = run(capsys, sweep, "--metric", "epochs")
+    assert rc == 0 and out.startswith("epochs: mean ± std over seeds") and "3 ± 0 (2/3)" in out
+    assert "3.0000" not in out
+    rc, out, _ = run(capsys, sweep, "--metric", "wall_s", "--format", "md")
+    assert rc == 0 and out.startswith("wall_s: mean ± std over seeds") and "| 12.5 ± 0.0 |" in out
+    sweep_copy, _ = make_sweep(tmp_path)
+    md = (sweep_copy / "tables" / "accuracy.md").read_text()
+    assert "| completed |  | 3 | 0.6000 | 2 | 0.6100 |" in md and "| 12.5 |" in md and "12.5000" not in md
+
+
+def test_float32_values_are_written_by_their_shortest_decimal(tmp_path, capsys):
+    """An accuracy computed in float32 is 0.21299999952316284 as a Python float; CSV and JSON say 0.213.
+    A value that is no float32 keeps every digit."""
+    sweep, _ = make_sweep(tmp_path)
+    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    trial = sweep / "trials" / "plain-lr1e-3-s0"
+    result = json.loads((trial / "result.json").read_text())
+    result.update(test_acc=f32(0.213), best_valid_acc=f32(0.3))
+    (trial / "result.json").write_text(json.dumps(result))
+    metrics = json.loads((trial / "interpret" / "metrics.json").read_text())
+    metrics["summary"]["ece"] = f32(0.0437)
+    (trial / "interpret" / "metrics.json").write_text(json.dumps(metrics))
+    assert "0.21299999952316284" in (trial / "result.json").read_text()
+    write_tables(sweep)
+    texts = [(sweep / "tables" / f"accuracy.{ext}").read_text() for ext in ("csv", "json", "md")]
+    for argv in (["--sort", "ece", "--format", "csv"], ["--sort", "test_acc", "--format", "json"],
+                 ["--format", "json"], ["--format", "csv"]):
+        rc, out, err = run(capsys, sweep, *argv)
+        assert rc == 0, err
+        texts.append(out)
+    noise = [repr(f32(x)) for x in (0.213, 0.3, 0.0437)]
+    assert noise == ["0.21299999952316284", "0.30000001192092896", "0.043699998408555984"]
+    for text in texts:
+        assert not [n for n in noise if n in text]
+    rows = {r["trial_id"]: r for r in csv.DictReader(io.StringIO(texts[0]))}
+    assert (rows["plain-lr1e-3-s0"]["test_acc"], rows["plain-lr1e-3-s0"]["ece"]) == ("0.213", "0.0437")
+    assert rows["plain-lr1e-3-s1"]["best_valid_acc"] == repr(0.6325 - 0.01)  # float64: as it is
+    saved = json.loads(texts[1])["rows"]
+    assert next(r for r in saved if r["trial_id"] == "plain-lr1e-3-s0")["best_valid_acc"] == 0.3
 
 
 def test_unknown_format_is_refused_by_argparse(sweep, capsys):

@@ -7,13 +7,14 @@ the key and the allowed values.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -195,13 +196,22 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
     raise UserError(f"{key}: expected {annotation}, got {type(value).__name__} {value!r}")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but with YAML 1.2's numbers: PyYAML reads 1e-3 (and 1.0e3) as strings."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with errors that name the file."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: no such file")
     try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+        d = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)
     except UnicodeDecodeError as e:
         raise UserError(f"{p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
@@ -243,8 +253,21 @@ class JobSpec:
     results: str = "results"
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "JobSpec":
-        return cls.from_dict(load_yaml(path), where=str(path))
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> "JobSpec":
+        """The spec of a YAML file, with ``--set KEY=VALUE`` overrides applied to it before it is checked."""
+        raw = load_yaml(path)
+        if not overrides:
+            return cls.from_dict(raw, where=str(path))
+        overrides = list(overrides)
+        merged = apply_overrides(raw, overrides)
+        if _valid(cls, merged):
+            return cls.from_dict(merged, where=str(path))
+        # Name the --set (or the clashing ones) without which the spec is valid; where there is none
+        # (the file is wrong itself), the file and every --set.
+        culprits = [f"--set {o}" for i, o in enumerate(overrides)
+                    if _valid(cls, apply_overrides(raw, overrides[:i] + overrides[i + 1:]))]
+        where = " ".join(culprits) if culprits else f"{path} with " + " ".join(f"--set {o}" for o in overrides)
+        return cls.from_dict(merged, where=where)  # raises, naming where
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "spec") -> "JobSpec":
@@ -346,6 +369,59 @@ class JobSpec:
         return {"name": self.name, "data": dict(self.data), "fixed": dict(self.fixed),
                 "axes": {k: list(v) for k, v in self.axes.items()}, "variants": dict(self.variants),
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "retries": self.retries}
+
+
+def _valid(cls: type[JobSpec], d: dict[str, Any]) -> bool:
+    try:
+        cls.from_dict(d)
+    except UserError:
+        return False
+    return True
+
+
+SET_EXAMPLE = "e.g. --set training.epochs=1 or --set 'grid.variant=[bn, plain]'"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``KEY=VALUE`` of ``--set``: the dotted KEY split into its parts, and VALUE read as YAML."""
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq:
+        raise UserError(f"--set {item!r}: no '='; write KEY=VALUE, {SET_EXAMPLE}")
+    if not key:
+        raise UserError(f"--set {item!r}: the key before '=' is empty; write KEY=VALUE, {SET_EXAMPLE}")
+    path = key.split(".")
+    if not all(path):
+        raise UserError(f"--set {item!r}: the key {key!r} has an empty part; write dotted keys as in the "
+                        f"job spec, {SET_EXAMPLE}")
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"--set {item!r}: the value is not valid YAML ({why}); write it as in the job spec and "
+                        f"quote it for the shell, {SET_EXAMPLE}") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of a job spec's raw mapping with each ``--set KEY=VALUE`` applied in order (a later one
+    wins). KEY is a dotted path (training.epochs, variants.mine.bn); the mappings on the way are made
+    where the spec lacks them. Which keys and values are allowed is JobSpec.from_dict's to check,
+    the same as for the file."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            elif not isinstance(node[part], dict):
+                above = ".".join(path[:i + 1])
+                raise UserError(f"--set {item}: {above} is {node[part]!r}, not a mapping of keys; "
+                                f"set {above}=VALUE to replace it")
+            node = node[part]
+        node[path[-1]] = value
+    return out
 
 
 def _path(where: str, key: str, value: Any) -> str:

@@ -66,14 +66,15 @@ def _pivot_table(p: dict[str, Any]) -> str:
     body = []
     for v in p["variants"]:
         cells = [p["cells"][f"{v}|{s}"] for s in p["schedules"]]
-        tds = "".join((MUTED_TD if c["mean"] is None else "<td>") + html.escape(cell_text(c)) + "</td>" for c in cells)
+        tds = "".join((MUTED_TD if c["mean"] is None else "<td>") + html.escape(cell_text(c, metric=p["metric"]))
+                      + "</td>" for c in cells)
         body.append(f"<tr><td>{html.escape(v)}</td>{tds}</tr>")
     return f"<table><tr><th>variant</th>{head}</tr>{''.join(body)}</table>"
 
 
 def _rows_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt_value(r.get(c, '')))}</td>" for c in columns) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt_value(r.get(c, ''), c))}</td>" for c in columns) + "</tr>"
                    for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 

@@ -30,6 +30,15 @@ ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "note", "
 # The columns `pivot` aggregates over seeds.
 METRICS = ["test_acc", "best_valid_acc", "best_epoch", "epochs", *INTERPRET_METRICS, "wall_s"]
 FORMATS = ("table", "md", "csv", "json", "latex")
+# The metrics where lower is better (calibration error, deletion AUC, the CAM's correlation with a
+# randomized model's, time): `results --sort` ranks these ascending, every other one descending.
+LOWER_IS_BETTER = ("ece", "deletion_auc", "sanity_rho", "wall_s")
+# The columns of `results --sort`; the metric ranked by comes after status.
+RANK_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "test_acc", "best_valid_acc", "epochs",
+                "wall_s"]
+# Counts, printed as whole numbers (a mean over seeds with one decimal); seconds get one decimal, the
+# rest (accuracies, scores) four. CSV and JSON keep every digit.
+WHOLE_COLUMNS = ("seed", "epochs", "best_epoch")
 
 
 def trial_status(trial_dir: Path) -> str:
@@ -67,6 +76,18 @@ def _interpret_summary(trial_dir: Path) -> dict[str, float]:
     return out
 
 
+def _from_float32(x: float) -> float:
+    """An exact float32 value (an accuracy computed in float32, 0.21299999952316284) as the shortest
+    decimal that reads back to it (0.213); any other value as it is."""
+    if not math.isfinite(x) or float(np.float32(x)) != x:
+        return x
+    return float(str(np.float32(x)))
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: _from_float32(v) if isinstance(v, float) else v for k, v in row.items()}
+
+
 def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per trial folder (sorted by trial id)."""
     rows = []
@@ -92,7 +113,7 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
             num = lambda k: math.nan if r[k] is None else r[k]  # noqa: E731 - null: undefined (diverged)
             row.update(epochs=r["epochs_completed"], best_valid_acc=num("best_valid_acc"), best_epoch=r["best_epoch"],
                        test_acc=num("test_acc"), wall_s=num("wall_s"))
-        rows.append(row)
+        rows.append(_clean(row))
     return rows
 
 
@@ -107,7 +128,7 @@ def load_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
             saved = json.loads(table.read_text())["rows"]
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{table}: not a vgg-xai results table ({e}); run `vgg-xai postprocess` again") from None
-        return [{c: math.nan if r.get(c) is None and c in METRICS else r.get(c) for c in ROW_COLUMNS}
+        return [_clean({c: math.nan if r.get(c) is None and c in METRICS else r.get(c) for c in ROW_COLUMNS})
                 for r in saved]
     raise UserError(f"{sweep_dir}: not a sweep folder (no trials/ or tables/accuracy.json); pass results/<sweep>, "
                     f"or copy one from a cluster with `vgg-xai results pull HOST:PATH {sweep_dir}`")
@@ -139,26 +160,40 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
     return {"metric": metric, "variants": variants, "schedules": schedules, "cells": cells}
 
 
-def cell_text(c: dict[str, Any], pm: str = " ± ", missing: str | None = None) -> str:
-    """One pivot cell as text: mean, ``pm`` std when there are several seeds, (n/of) when some trials
-    have no value; ``missing`` (default: the trials' statuses) when none has."""
+def cell_text(c: dict[str, Any], pm: str = " ± ", missing: str | None = None, metric: str | None = None) -> str:
+    """One pivot cell of ``metric`` as text: mean, ``pm`` std when there are several seeds, (n/of) when
+    some trials have no value; ``missing`` (default: the trials' statuses) when none has."""
     if c["of"] == 0:
         return ""
     if c["mean"] is None:
         return "/".join(c["statuses"]) if missing is None else missing
-    text = f"{c['mean']:.4f}" + (f"{pm}{c['std']:.4f}" if c["n"] > 1 else "")
+    text = fmt_value(c["mean"], metric) + (f"{pm}{fmt_value(c['std'], metric)}" if c["n"] > 1 else "")
     return text + (f" ({c['n']}/{c['of']})" if c["n"] < c["of"] else "")
 
 
-def format_pivot(p: dict[str, Any], markdown: bool = False) -> str:
-    head = ["variant"] + p["schedules"]
-    body = [[v] + [cell_text(p["cells"][f"{v}|{s}"]) for s in p["schedules"]] for v in p["variants"]]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+def pivot_title(metric: str) -> str:
+    return f"{metric}: mean ± std over seeds (n/of where some trials have no value)"
+
+
+def _aligned(head: list[str], body: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
+
+
+def _markdown(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def format_pivot(p: dict[str, Any], markdown: bool = False) -> str:
+    """The pivot as a terminal table under a line naming its metric, or as a bare markdown table."""
+    head = ["variant"] + p["schedules"]
+    body = [[v] + [cell_text(p["cells"][f"{v}|{s}"], metric=p["metric"]) for s in p["schedules"]]
+            for v in p["variants"]]
+    if markdown:
+        return _markdown(head, body)
+    return f"{pivot_title(p['metric'])}\n\n{_aligned(head, body)}"
 
 
 def pivot_csv(p: dict[str, Any]) -> str:
@@ -189,7 +224,7 @@ def pivot_latex(p: dict[str, Any]) -> str:
              "\\begin{tabular}{l" + "c" * len(p["schedules"]) + "}", "\\toprule",
              " & ".join(["variant"] + [_latex_escape(s) for s in p["schedules"]]) + " \\\\", "\\midrule"]
     for v in p["variants"]:
-        cells = [cell_text(p["cells"][f"{v}|{s}"], " $\\pm$ ", "--") for s in p["schedules"]]
+        cells = [cell_text(p["cells"][f"{v}|{s}"], " $\\pm$ ", "--", p["metric"]) for s in p["schedules"]]
         lines.append(" & ".join([_latex_escape(v)] + cells) + " \\\\")
     return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
 
@@ -211,22 +246,67 @@ def render(rows: list[dict[str, Any]], metric: str = "test_acc", fmt: str = "tab
     if fmt == "latex":
         return pivot_latex(p)
     if fmt == "md":
-        return format_pivot(p, markdown=True) + "\n"
-    return f"{metric}: mean ± std over seeds (n/of where some trials have no value)\n\n{format_pivot(p)}\n"
+        return f"{pivot_title(metric)}\n\n{format_pivot(p, markdown=True)}\n"
+    return format_pivot(p) + "\n"
 
 
-def _rows_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(ROW_COLUMNS) + " |", "|" + "---|" * len(ROW_COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt_value(r[c]) for c in ROW_COLUMNS) + " |")
-    return "\n".join(lines)
+def ranked(rows: list[dict[str, Any]], metric: str, top: int | None = None) -> list[dict[str, Any]]:
+    """The rows best first by ``metric`` (ascending where LOWER_IS_BETTER), rows without a value last,
+    ties in trial-id order; the first ``top`` of them."""
+    if metric not in METRICS:
+        raise UserError(f"--sort: {metric!r} is not one of {', '.join(METRICS)}")
+    sign = 1 if metric in LOWER_IS_BETTER else -1
+
+    def key(r: dict[str, Any]) -> tuple[bool, float]:
+        v = r.get(metric)
+        missing = v is None or not math.isfinite(float(v))
+        return missing, 0.0 if missing else sign * float(v)
+
+    return sorted(rows, key=key)[:top]
 
 
-def fmt_value(v: Any) -> str:
-    """A table value as text: floats to 4 decimals, NaN as empty."""
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4f}"
-    return str(v)
+def render_ranked(rows: list[dict[str, Any]], metric: str, fmt: str = "table", top: int | None = None) -> str:
+    """The trials best first by ``metric`` (see ranked), as table, md, csv or json."""
+    if fmt not in FORMATS:
+        raise UserError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "latex":
+        raise UserError("--format latex is the pivot's; with --sort use table, md, csv or json")
+    best = ranked(rows, metric, top)
+    columns = list(dict.fromkeys([*RANK_COLUMNS[:5], metric, *RANK_COLUMNS[5:]]))
+    order = "ascending" if metric in LOWER_IS_BETTER else "descending"
+    if fmt == "csv":
+        return _rows_csv(best, columns)
+    if fmt == "json":
+        return json.dumps({"sort": metric, "order": order, "top": top, "of": len(rows),
+                           "rows": json_rows([{c: r[c] for c in columns} for r in best])}, indent=2) + "\n"
+    title = (f"trials by {metric}, best first ({'lower' if order == 'ascending' else 'higher'} is better; "
+             f"no value last): {len(best)} of {len(rows)}")
+    body = [[fmt_value(r[c], c) for c in columns] for r in best]
+    table = _markdown(columns, body) if fmt == "md" else _aligned(columns, body)
+    return f"{title}\n\n{table}\n"
+
+
+def _rows_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Rows as CSV: NaN empty, floats at full precision."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows)
+    return buf.getvalue()
+
+
+def fmt_value(v: Any, column: str | None = None) -> str:
+    """A table value of ``column`` as text: NaN empty; counts (WHOLE_COLUMNS) whole, seconds (wall_s)
+    to one decimal, other floats to four."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if math.isnan(v):
+        return ""
+    if column in WHOLE_COLUMNS and float(v).is_integer():
+        return str(int(v))
+    if column in WHOLE_COLUMNS or column == "wall_s":
+        return f"{v:.1f}"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def write_tables(sweep_dir: str | Path, metric: str = "test_acc") -> dict[str, Any]:
@@ -240,18 +320,14 @@ def write_tables(sweep_dir: str | Path, metric: str = "test_acc") -> dict[str, A
     rows = collect_rows(sweep_dir)
     p = pivot(rows, metric)
     tables = sweep_dir / "tables"
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=ROW_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows)
-    atomic_write_text(tables / "accuracy.csv", buf.getvalue())
+    atomic_write_text(tables / "accuracy.csv", _rows_csv(rows, ROW_COLUMNS))
     atomic_write_text(tables / "accuracy.json", json.dumps({"rows": json_rows(rows), "pivot": p}, indent=2))
     extra = [q for q in (pivot(rows, m) for m in INTERPRET_METRICS) if any(c["n"] for c in q["cells"].values())]
     interp = "".join(f"### {q['metric']}\n\n{format_pivot(q, markdown=True)}\n\n" for q in extra)
     md = (f"# {sweep_dir.name}: {metric}\n\nMean ± std over seeds (n/of where some trials did not complete).\n\n"
           f"{format_pivot(p, markdown=True)}\n\n"
           + (f"## Interpretation metrics\n\nFrom each trial's interpret/metrics.json.\n\n{interp}" if extra else "")
-          + f"## Trials\n\n{_rows_markdown(rows)}\n")
+          + f"## Trials\n\n{_markdown(ROW_COLUMNS, [[fmt_value(r[c], c) for c in ROW_COLUMNS] for r in rows])}\n")
     atomic_write_text(tables / "accuracy.md", md)
     return p
 
@@ -260,8 +336,8 @@ def write_tables(sweep_dir: str | Path, metric: str = "test_acc") -> dict[str, A
 
 # What `pull` copies, relative to the sweep folder: the small files only.
 PULL_FILES = ["spec.yaml", "report.html", "tables/**", "figures/**"]
-PULL_TRIAL_FILES = ["config.json", "result.json", "history.csv", "attempts.jsonl", "error.txt",
-                    "interpret/metrics.json", "interpret/error.txt", "interpret/*.png"]
+PULL_TRIAL_FILES = ["config.json", "result.json", "history.csv", "attempts.jsonl", "error.txt", "trial.log",
+                    "tensorboard/*", "interpret/metrics.json", "interpret/error.txt", "interpret/*.png"]
 
 
 def pull_filters() -> list[str]:
