@@ -27,13 +27,19 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .progress import progress
+from .progress import progress, stage
 
 CACHE_FORMAT = 1
 VALID_FRACTION = 0.2  # 10,000 of the official 50,000 training images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm")
 DEFAULT_CACHE = Path("results/data/cifar10.h5")
 N_CLASSES = 10
+KIND_NAMES = {"batches": "pickled batches", "folder": "image folder", "tar": "image archive"}
+STAGE = "vgg-xai data prepare: "  # the lines that say how far preparation got, in a log or a pipe
+
+
+def _stage(text: str) -> None:
+    stage(STAGE + text)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -184,6 +190,7 @@ def _decode_splits(splits: dict[str, dict[str, list[str]]], read, where) -> RawS
     out = []
     for split in ("train", "test"):
         xs, ys = [], []
+        _stage(f"decoding {split}: {sum(len(v) for v in splits[split].values())} images")
         with progress(total=sum(len(v) for v in splits[split].values()), desc=f"decode {split}") as bar:
             for label, c in enumerate(classes):
                 for f in splits[split][c]:
@@ -280,6 +287,7 @@ def prepare(source: str | Path | None, cache: str | Path = DEFAULT_CACHE, *, spl
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
         raise UserError(f"--split-seed: expected a whole number >= 0, got {split_seed!r}")
     if source is None:
+        _stage(f"downloading CIFAR-10 with torchvision into {cache.parent / 'download'}")
         src = _download(cache.parent / "download")
     else:
         src = Path(source).resolve()
@@ -296,7 +304,9 @@ def prepare(source: str | Path | None, cache: str | Path = DEFAULT_CACHE, *, spl
             raise UserError(f"{cache}: this cache was prepared from {old_src}, not {src}; "
                             "pass another --cache path or --force to replace it")
         if old_fp == fp and old_seed == split_seed:
+            _stage(f"up to date: {cache}")
             return cache
+    _stage(f"reading source {src} ({KIND_NAMES[source_kind(src)]})")
     raw = read_source(src)
     tr_idx, va_idx = split_train_valid(len(raw.train_x), split_seed)
     splits = {
@@ -304,7 +314,9 @@ def prepare(source: str | Path | None, cache: str | Path = DEFAULT_CACHE, *, spl
         "valid": (raw.train_x[va_idx], raw.train_y[va_idx]),
         "test": (raw.test_x, raw.test_y),
     }
+    _stage(f"computing statistics of the train split ({len(tr_idx)} images)")
     mean, std = _channel_stats(splits["train"][0])
+    _stage(f"writing cache {cache}")
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
     try:
@@ -321,6 +333,7 @@ def prepare(source: str | Path | None, cache: str | Path = DEFAULT_CACHE, *, spl
         os.replace(tmp, cache)
     finally:
         tmp.unlink(missing_ok=True)
+    _stage(f"done: {cache}")
     return cache
 
 

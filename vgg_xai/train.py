@@ -3,7 +3,9 @@
 It knows nothing of Ray or SLURM: it is handed a ``report(metrics, checkpoint_path)`` callable,
 and each of those wraps it in a few lines. Files it writes in ``out_dir``:
 config.json, checkpoint_init.pt, checkpoint.pt (after every epoch; the one before it is kept as
-checkpoint.prev.pt, each with its digest in a .sha256 file), history.csv, features.h5, result.json.
+checkpoint.prev.pt, each with its digest in a .sha256 file), history.csv, features.h5, result.json,
+attempts.jsonl and trial.log (appended by every attempt), and tensorboard/ (event files, where the
+tensorboard package is installed).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -178,10 +181,10 @@ def _check_resumable(saved: dict[str, Any], cfg: TrialConfig, path: Path) -> Non
                         f"{', '.join(diff)}); use another out dir or start without resume")
 
 
-def _last_good(path: Path, cfg: TrialConfig) -> tuple[Path | None, dict[str, Any] | None]:
+def _last_good(path: Path, cfg: TrialConfig) -> tuple[Path | None, dict[str, Any] | None, str | None]:
     """The newest checkpoint of this trial that loads, ``path`` or else the previous one kept beside
-    it, as (its path, its contents); (None, None) when neither does. Passing over a damaged one
-    prints one line to stderr."""
+    it, as (its path, its contents, the warning that it passed over a damaged one or None);
+    (None, None, warning) when neither loads."""
     damaged: list[DamagedCheckpoint] = []
     source: Path | None = None
     saved: dict[str, Any] | None = None
@@ -199,8 +202,122 @@ def _last_good(path: Path, cfg: TrialConfig) -> tuple[Path | None, dict[str, Any
         then = (f"resuming from {source.name} at epoch {saved['epoch'] + 2} of {cfg.epochs}"
                 if source is not None and saved is not None else f"starting again at epoch 1 of {cfg.epochs}")
         bad = "; ".join(f"{e.path} is damaged ({e.reason})" for e in damaged)
-        print(f"vgg-xai: warning: {bad}; {then}", file=sys.stderr, flush=True)
-    return source, saved
+        return source, saved, f"{bad}; {then}"
+    return source, saved, None
+
+
+def format_epoch(m: dict[str, Any]) -> str:
+    """One history row as one line (as `vgg-xai train` prints it)."""
+    return (f"epoch {m['epoch']:>3}  lr {m['lr']:.0e}  train {m['train_loss']:.4f} / {m['train_acc']:.3f}  "
+            f"valid {m['valid_loss']:.4f} / {m['valid_acc']:.3f}  {m['images_per_s']:.0f} img/s  {m['seconds']:.1f}s")
+
+
+class TrialLog:
+    """``trial.log`` in the trial folder: the trial's own account of every attempt, wherever it ran
+    (this process, a Ray worker, a SLURM array task), which `vgg-xai logs` prints.
+
+    Per attempt: a header (who ran it, where, from which epoch), its warnings, one line per epoch,
+    then its result or the traceback it failed with. Appended a line at a time, so it shows how far
+    a killed attempt got; a line that cannot be written is lost, never the trial.
+    """
+
+    HEADER = "=== attempt "
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = False
+
+    def write(self, text: str) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {text.rstrip()}\n")
+        except OSError:
+            pass
+
+    def start(self, where_from: str) -> None:
+        try:
+            with open(self.path) as f:
+                attempt = 1 + sum(self.HEADER in line for line in f)
+        except OSError:
+            attempt = 1
+        env = os.environ.get
+        where = [f"PID {os.getpid()}"]
+        if env("SLURM_JOB_ID"):
+            where.append(f"SLURM job {env('SLURM_JOB_ID')}")
+        if env("SLURM_ARRAY_JOB_ID"):
+            where.append(f"array task {env('SLURM_ARRAY_JOB_ID')}_{env('SLURM_ARRAY_TASK_ID', '?')}")
+        if env("VGG_XAI_NODE"):
+            where.append(f"Ray node {env('VGG_XAI_NODE')}")
+        self.write(f"{self.HEADER}{attempt} on {socket.gethostname()} ({', '.join(where)}): {where_from}")
+        self.started = True
+
+    def warn(self, message: str) -> None:
+        """A warning: one line on stderr, as ever, and in the log."""
+        print(f"vgg-xai: warning: {message}", file=sys.stderr, flush=True)
+        self.write(f"warning: {message}")
+
+    def failed(self) -> None:
+        """The exception being handled, with its traceback (called from an except block)."""
+        if not self.started:
+            self.start("failed before it knew its start epoch")
+        self.write(f"failed:\n{traceback.format_exc()}")
+
+
+class Scalars:
+    """The trial's TensorBoard event files in ``tensorboard/``, where the tensorboard package is
+    installed: loss/train, loss/valid, accuracy/train, accuracy/valid and lr, the step being the
+    epoch number (1, 2, ...).
+
+    Each attempt deletes the event files before it and writes the history it resumes from again,
+    into one new file, then its own epochs; so the files hold every epoch once, with the values of
+    history.csv, whatever attempts and checkpoint fallbacks came before. (purge_step alone would hide
+    the earlier attempts' repeated epochs from TensorBoard, but leave them in the files for every
+    other reader.) The new file's purge_step=1 makes a TensorBoard that already read the deleted files
+    drop what it holds of them. TensorBoard is optional: an error here warns once and stops the
+    writing; it never fails the trial.
+    """
+
+    def __init__(self, folder: Path, log: TrialLog) -> None:
+        self.folder, self.log = folder, log
+        self.writer: Any = None
+
+    def open(self, history: list[dict[str, Any]]) -> None:
+        """Delete the earlier event files; start this attempt's with the ``history`` it resumes from."""
+        try:
+            for old in self.folder.glob("events.out.tfevents.*"):
+                old.unlink()
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # not installed: no event files
+                return
+            self.writer = SummaryWriter(str(self.folder), purge_step=1)
+            for row in history:
+                self.add(row)
+        except Exception as e:  # noqa: BLE001 - whatever TensorBoard raises, the trial goes on
+            self._give_up(e)
+
+    def add(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        try:
+            for tag, key in (("loss/train", "train_loss"), ("loss/valid", "valid_loss"),
+                             ("accuracy/train", "train_acc"), ("accuracy/valid", "valid_acc"), ("lr", "lr")):
+                if math.isfinite(row[key]):  # a diverged epoch has no valid numbers
+                    self.writer.add_scalar(tag, row[key], global_step=row["epoch"])
+            self.writer.flush()  # a running TensorBoard shows the epoch now
+        except Exception as e:  # noqa: BLE001
+            self._give_up(e)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception as e:  # noqa: BLE001
+                self._give_up(e)
+
+    def _give_up(self, e: Exception) -> None:
+        self.log.warn(f"tensorboard: {type(e).__name__}: {e}; no more event files in this attempt")
+        self.writer = None
 
 
 def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = None,
@@ -219,7 +336,41 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(out / "config.json", cfg.to_json())
+    log = TrialLog(out / "trial.log")
+    scalars = Scalars(out / "tensorboard", log)
+    try:
+        return _run_trial(cfg, out, report, resume, log, scalars, t_start)
+    except BaseException:
+        log.failed()
+        raise
+    finally:
+        scalars.close()
+
+
+def _run_trial(cfg: TrialConfig, out: Path, report: Report | None, resume: bool | str | Path | None,
+               log: TrialLog, scalars: Scalars, t_start: float) -> TrialResult:
+    # The checkpoint first: where the attempt starts goes into the log before the slow steps.
+    ckpt_path = out / "checkpoint.pt"
+    source: Path | None = None
+    saved: dict[str, Any] | None = None
+    warning = None
+    if resume is True:
+        source, saved, warning = _last_good(ckpt_path, cfg)
+        if source is not None and source != ckpt_path:
+            # A damaged latest checkpoint must not be kept as the previous one by the next save.
+            checkpoint.discard(ckpt_path)
+    elif resume and Path(resume).is_file():
+        source = Path(resume)
+        saved = checkpoint.load(source)
+        _check_resumable(saved["config"], cfg, source)
+    checkpoint.atomic_write_text(out / "config.json", cfg.to_json())  # not before a refused resume
+    start = saved["epoch"] + 1 if saved is not None else 0
+    resumed = f" (resumed from {source.name})" if source is not None else ""
+    log.start(f"start epoch {start + 1} of {cfg.epochs}{resumed}" if start < cfg.epochs
+              else f"all {cfg.epochs} epochs trained earlier{resumed}")
+    if warning:
+        log.warn(warning)
+
     device = resolve_device(cfg.device)
     dtype, channels_last = resolve_precision(cfg.precision, device)
     splits, prep = load_splits(cfg.data, device, train_size=cfg.train_size, valid_size=cfg.valid_size,
@@ -231,23 +382,11 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr_at(0), weight_decay=cfg.l2_coef if cfg.l2 else 0.0)
 
-    ckpt_path = out / "checkpoint.pt"
-    saved: dict[str, Any] | None = None
-    if resume is True:
-        source, saved = _last_good(ckpt_path, cfg)
-        if source is not None and source != ckpt_path:
-            # A damaged latest checkpoint must not be kept as the previous one by the next save.
-            checkpoint.discard(ckpt_path)
-    elif resume and Path(resume).is_file():
-        saved = checkpoint.load(resume)
-        _check_resumable(saved["config"], cfg, Path(resume))
     history: list[dict[str, Any]] = []
-    start = 0
     if saved is not None:
         net.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         history = saved["history"]
-        start = saved["epoch"] + 1
         torch.set_rng_state(saved["rng"]["torch"])
         if "cuda" in saved["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
@@ -261,11 +400,13 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start_epoch": start,
                             "time": time.time(), "node": os.environ.get("VGG_XAI_NODE", socket.gethostname()), "ray": os.environ.get("VGG_XAI_RAY"),
                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n")
+                            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                            "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
+                            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}) + "\n")
 
+    scalars.open(history)
     if cfg.compile and device.type != "cuda":
-        print(f"vgg-xai: warning: compile: torch.compile is used on CUDA only; ignored on {device.type}",
-              file=sys.stderr, flush=True)
+        log.warn(f"compile: torch.compile is used on CUDA only; ignored on {device.type}")
     model = torch.compile(net) if cfg.compile and device.type == "cuda" else net
     augment = make_augment().to(device) if cfg.augment else None
     train = splits["train"]
@@ -289,6 +430,8 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
             row.update(valid_loss=float("nan"), valid_acc=float("nan"), seconds=time.perf_counter() - t0,
                        images_per_s=len(train) / train_s, status="diverged")
             history.append(row)
+            log.write(format_epoch(row) + "  diverged (loss not finite)")
+            scalars.add(row)
             status = "diverged"
             break  # the last good checkpoint stays as it is
         valid_loss, valid_acc, _, _ = evaluate(net, splits["valid"], cfg.batch_size, dtype, channels_last)
@@ -299,6 +442,8 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
                          "rng": _rng_state(), "config": cfg.to_dict(), "history": history}, ckpt_path,
                         keep_previous=True)
         _write_history(out / "history.csv", history)
+        log.write(format_epoch(row))
+        scalars.add(row)
         if report is not None:
             report(dict(row), ckpt_path)
 
@@ -322,4 +467,8 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
     checkpoint.atomic_write_text(out / "result.json", json.dumps(
         {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(result).items()},
         indent=2, allow_nan=False))
+    best_text = f"best valid {result.best_valid_acc:.4f} at epoch {result.best_epoch}" if best else "no valid epoch"
+    test_text = f"test {result.test_acc:.4f}" if status == "completed" else "no test accuracy"
+    log.write(f"result: {status}, {result.epochs_completed} of {cfg.epochs} epochs good; {best_text}; {test_text}; "
+              f"{result.wall_s:.1f} s this attempt")
     return result
