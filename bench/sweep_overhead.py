@@ -51,7 +51,7 @@ def main() -> None:
 
     import torch
 
-    from vgg_xai import sweep
+    from vgg_xai import runtime, sweep
     from vgg_xai.config import JobSpec
     from vgg_xai.train import run_trial
 
@@ -82,7 +82,7 @@ def main() -> None:
         import ray
 
         t0 = time.perf_counter()
-        sweep.ray_init()
+        runtime.ray_init()
         start_up = time.perf_counter() - t0
         t1 = time.perf_counter()
         sweep.run(sweep.plan(spec), stream=io.StringIO())  # joins the Ray started above

@@ -1,5 +1,5 @@
 """Multi-node Ray without a second SLURM node: a head on 127.0.0.2 and a worker on 127.0.0.3 of
-this machine, started by the bootstrap code of the multi-node sweep job (vgg_xai.sweep.start_head,
+this machine, started by the bootstrap code of the multi-node sweep job (vgg_xai.runtime.start_head,
 start_worker, wait_for_nodes), each with its own resources, and a sweep whose trials land on both.
 
 Linux routes all of 127.0.0.0/8 to lo, so the two loopback aliases need no configuration; Ray
@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import ray_processes
-from vgg_xai import sweep
+from vgg_xai import runtime
 from vgg_xai.results import collect_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -33,12 +33,12 @@ HEAD, WORKER = "127.0.0.2", "127.0.0.3"
 DRIVER = """
 import json, sys
 from pathlib import Path
-from vgg_xai import sweep
+from vgg_xai import runtime, sweep
 from vgg_xai.config import JobSpec
 
 spec, token, address, out = sys.argv[1:]
 plan = sweep.plan(JobSpec.from_yaml(spec), check_local=False)
-sweep.wait_for_nodes(address, 2, address.split(":")[0], token=Path(token), timeout=60)
+runtime.wait_for_nodes(address, 2, address.split(":")[0], token=Path(token), timeout=60)
 import ray
 
 nodes = [{"ip": n["NodeManagerAddress"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]]
@@ -55,10 +55,10 @@ def cluster(tmp_path):
     state = {"temp_dir": tempfile.mkdtemp(prefix="vxr-mn-"), "token": tmp_path / "ray-token",
              "logs": tmp_path / "ray-logs", "nodes": [], "t0": time.monotonic()}
     try:
-        head = sweep.start_head(HEAD, 1, 0, state["logs"] / "head.log", token=state["token"],
+        head = runtime.start_head(HEAD, 1, 0, state["logs"] / "head.log", token=state["token"],
                                 temp_dir=state["temp_dir"])
         state["nodes"].append(head)
-        state["nodes"].append(sweep.start_worker(head.address, WORKER, 1, 0, state["logs"] / "worker.log",
+        state["nodes"].append(runtime.start_worker(head.address, WORKER, 1, 0, state["logs"] / "worker.log",
                                                  token=state["token"]))
         state["address"] = head.address
         yield state
@@ -150,11 +150,11 @@ def test_a_process_that_ran_an_embedded_ray_joins_as_driver(cluster):
     embedded Ray before (Ray had cached the token it read then: what made the driver hang)."""
     saved = dict(os.environ)
     try:
-        sweep.ray_init(num_cpus=1)  # the embedded Ray of a one-node sweep, in this process
+        runtime.ray_init(num_cpus=1)  # the embedded Ray of a one-node sweep, in this process
         import ray
 
         ray.shutdown()
-        sweep.wait_for_nodes(cluster["address"], 2, HEAD, token=cluster["token"], timeout=60, nodes=cluster["nodes"])
+        runtime.wait_for_nodes(cluster["address"], 2, HEAD, token=cluster["token"], timeout=60, nodes=cluster["nodes"])
         try:
             nodes = {n["NodeManagerAddress"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
             assert set(nodes) == {HEAD, WORKER}

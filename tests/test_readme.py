@@ -48,15 +48,24 @@ REFUSED_HERE = {
     "vgg-xai sweep jobs/seed.yaml --address auto": "resources.cpu: 4 per trial, but the Ray cluster has 2 CPUs",
     "vgg-xai submit jobs/seed.yaml --cluster cluster/example-gpu.yaml":
         "partition: 'gpu' does not exist on this cluster",
-    "vgg-xai status results/seed": "no SLURM jobs recorded",
+    "vgg-xai status results/seed": "results/seed: not a sweep folder (no trials/)",
     "vgg-xai cancel results/seed": "no SLURM jobs recorded",
+    "vgg-xai sweep jobs/smoke.yaml --data PATH --set name=smoke-gpu --set resources.gpu=0.25 "
+    "--set training.device=cuda": "vgg-xai: error: resources.gpu: 0.25 per trial, but this machine has 0 GPUs; "
+                                  "set resources.gpu: 0 or run where there are GPUs",
+}
+# README commands this module does not run, and why; each is reported as a skip with its reason.
+NOT_RUN_HERE = {
+    "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu":
+        "it downloads torch's CPU build from download.pytorch.org (tests talk only to 127.0.0.1) and would "
+        "replace this environment's torch",
 }
 # The README's test command is this suite itself: CI runs it as written (.ci/run); here it would recurse.
 SUITE = "python -m pytest"
 
 
 def test_every_readme_command_is_walked():
-    walked = set(WALK) | set(REFUSED_HERE) | {SUITE}
+    walked = set(WALK) | set(REFUSED_HERE) | set(NOT_RUN_HERE) | {SUITE}
     assert set(readme_commands()) <= walked, set(readme_commands()) - walked
     assert set(WALK) <= set(readme_commands()), set(WALK) - set(readme_commands())
     assert any(line.strip() == SUITE for line in (REPO / ".ci" / "run").read_text().splitlines())
@@ -88,9 +97,8 @@ def _fill(line: str, work: Path) -> str:
 
 
 def _one_error_line(r: subprocess.CompletedProcess) -> str:
-    # Ray prints a notice about token authentication whenever it connects (the command here joins a
-    # cluster); that line is Ray's, and the one line of our own must be the only other.
-    lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("Token authentication is enabled")]
+    # Nothing of Ray's (no notice about token authentication when the command joins a cluster).
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("vgg-xai: error: "), r.stderr
     return lines[0]
 
@@ -141,10 +149,15 @@ WALK = [
     "vgg-xai sweep jobs/smoke.yaml --data PATH/TO/cifar10",
     "vgg-xai sweep jobs/smoke.yaml --data PATH",
     "vgg-xai sweep jobs/seed.yaml --dry-run",
+    "vgg-xai sweep jobs/smoke.yaml --dry-run --set name=smoke-1epoch --set training.epochs=1 "
+    "--set 'grid.variant=[bn,plain]'",
+    "vgg-xai status results/smoke --watch",
+    "vgg-xai logs results/smoke bn-lr1e-3-s0",
     "vgg-xai postprocess results/smoke",
     "vgg-xai postprocess results/smoke --workers 1",
     "vgg-xai results results/smoke",
     "vgg-xai results results/smoke --format latex --metric ari",
+    "vgg-xai results results/smoke --sort test_acc --top 5",
     "vgg-xai results pull HOST:/scratch/me/results/smoke ./pulled/smoke",
     "cluster/local-slurm/local-slurm install",
     'eval "$(cluster/local-slurm/local-slurm start --gpus 2)"',
@@ -166,7 +179,7 @@ def test_set_up_and_the_smoke_study(walk):
 
 
 def test_sweeps_of_the_seed_study(walk, tmp_path):
-    from vgg_xai.sweep import free_port, start_head
+    from vgg_xai.runtime import free_port, start_head
 
     _walk_line(walk, "vgg-xai sweep jobs/seed.yaml")
     # a running Ray cluster to join: a head on a loopback address of its own, found through RAY_ADDRESS
@@ -185,6 +198,34 @@ def test_sweeps_of_the_seed_study(walk, tmp_path):
     assert "sweep seed: 15 trials" in r.stdout and r.stdout.count("[to run]") == 15
 
 
+@pytest.mark.parametrize("line", list(NOT_RUN_HERE))
+def test_not_run_here(line):
+    pytest.skip(reason=f"not run here: `{line}`: {NOT_RUN_HERE[line]}")
+
+
+def test_overrides_with_set(walk):
+    r = _walk_line(walk, "vgg-xai sweep jobs/smoke.yaml --dry-run --set name=smoke-1epoch --set training.epochs=1 "
+                         "--set 'grid.variant=[bn,plain]'")
+    trials = [x.split()[0] for x in r.stdout.splitlines() if x.endswith("[to run]")]
+    assert r.stdout.startswith("sweep smoke-1epoch: 6 trials, 1 CPU and 0 GPU each"), r.stdout
+    assert trials == [f"{v}-{s}-s0" for v in ("bn", "plain") for s in ("lr1e-3", "lr1e-2", "lralt")], r.stdout
+    assert r.stdout.count(" epochs 1  [to run]") == 6 and not (walk.cwd / "results" / "smoke-1epoch").exists()
+    _walk_line(walk, "vgg-xai sweep jobs/smoke.yaml --data PATH --set name=smoke-gpu --set resources.gpu=0.25 "
+                     "--set training.device=cuda")
+    assert not (walk.cwd / "results" / "smoke-gpu").exists()
+
+
+def test_following_a_finished_sweep(walk):
+    for line in ("vgg-xai status results/smoke", "vgg-xai status results/smoke --watch"):
+        r = _walk_line(walk, line, timeout=120)  # --watch: nothing runs the sweep, so one view and out
+        assert r.stdout.startswith("sweep smoke: 15/15 done, 0 running, 0 pending, 0 failed · no driver running")
+        rows = [x for x in r.stdout.splitlines()[2:] if x.strip()]
+        assert r.stdout.count("sweep smoke:") == 1 and len(rows) == 16 and rows[0].startswith("trial "), r.stdout
+    r = _walk_line(walk, "vgg-xai logs results/smoke bn-lr1e-3-s0")
+    assert r.stdout.startswith("==> trial.log: ") and "=== attempt 1 on " in r.stdout, r.stdout
+    assert "epoch   2  lr 1e-03" in r.stdout and "result: completed" in r.stdout, r.stdout
+
+
 def test_postprocessing_and_results(walk):
     sweep = walk.cwd / "results" / "smoke"
     for line in ("vgg-xai postprocess results/smoke", "vgg-xai postprocess results/smoke --workers 1"):
@@ -194,6 +235,13 @@ def test_postprocessing_and_results(walk):
     assert "bn_augment" in r.stdout and "const_1e-2" in r.stdout
     r = _walk_line(walk, "vgg-xai results results/smoke --format latex --metric ari")
     assert r.stdout.startswith("\\begin{tabular}") or "\\begin{tabular}" in r.stdout
+    r = _walk_line(walk, "vgg-xai results results/smoke --sort test_acc --top 5")
+    head, rows = r.stdout.split("\n\n", 1)
+    assert head == "trials by test_acc, best first (higher is better; no value last): 5 of 15", r.stdout
+    table = rows.splitlines()
+    column = table[0].split().index("test_acc")
+    accs = [float(x.split()[column]) for x in table[2:]]
+    assert len(accs) == 5 and accs == sorted(accs, reverse=True), r.stdout
     _walk_line(walk, "vgg-xai results pull HOST:/scratch/me/results/smoke ./pulled/smoke")
     pulled = walk.cwd / "pulled" / "smoke"
     assert (pulled / "report.html").is_file() and len(list(pulled.glob("trials/*/result.json"))) == 15

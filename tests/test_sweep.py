@@ -110,19 +110,54 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_cache):
     _no_ray_left()
 
 
-def test_interrupted_driver_resumes_without_retraining_finished_trials(tmp_path, tiny_cache):
+RAY_NOISE = ("Tuner.restore", "Failed to fetch metrics", "Token authentication", "Traceback", "raylet", "WARNING",
+             "Stop signal received")
+
+
+def test_one_ctrl_c_stops_the_sweep_quietly_and_the_rerun_continues(tmp_path, tiny_cache):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group, once. Meanwhile
+    `vgg-xai status` and `status --watch` follow the sweep from another process."""
     spec = _spec(tmp_path, tiny_cache, grid={"variant": ["plain", "bn"], "lr_schedule": ["const_1e-3"],
                                              "epochs": [1, 10]}, training={"epochs": None})
-    trials = tmp_path / "results" / "t" / "trials"
-    proc = _sweep(spec)
+    sweep_dir = tmp_path / "results" / "t"
+    trials = sweep_dir / "trials"
+    proc = _sweep(spec, start_new_session=True)  # its own process group, as a shell's foreground job
     short = _wait_for(lambda: [p.parent for p in trials.glob("*-epochs1/result.json")], 300, "a finished trial",
                       proc)
-    long_running = [p.parent for p in trials.glob("*-epochs10/checkpoint.pt")]
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
+    long_running = _wait_for(lambda: [p.parent for p in trials.glob("*-epochs10/checkpoint.pt")], 300,
+                             "a long trial's checkpoint", proc)
+
+    watch = subprocess.Popen([sys.executable, "-m", "vgg_xai.cli", "status", str(sweep_dir), "--watch", "0.5"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    st = _cli("status", str(sweep_dir))
+    assert st.returncode == 0, st.stderr
+    assert f"driver PID {proc.pid} on" in st.stdout, st.stdout
+    lines = {line.split()[0]: line for line in st.stdout.splitlines()[2:] if line.strip()}
+    d = long_running[0]
+    worker = _attempts(d)[-1]
+    assert lines[d.name].split()[1] == "running" and f":{worker['pid']}" in lines[d.name], st.stdout
+    assert "/10" in lines[d.name]
+    assert lines[short[0].name].split()[1].startswith("completed"), st.stdout
+
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    print(f"\nSIGINT to exit: {time.monotonic() - t0:.1f} s")
     assert proc.returncode == 130, out
-    assert "run the same command again" in out
+    tail = out[out.index("stopped:"):]
+    assert "run the same command again to continue" in tail and tail.count("\n") == 1, tail
+    for noise in RAY_NOISE:
+        assert noise not in out, out
+    assert "interpret" not in out  # no post-processing after Ctrl-C
     _no_ray_left()
+    watched, _ = watch.communicate(timeout=60)  # it stops by itself once no driver runs the sweep
+    assert watch.returncode == 0
+    assert watched.count("sweep t:") >= 2 and "no driver running" in watched.split("sweep t:")[-1], watched
+
+    st = _cli("status", str(sweep_dir)).stdout
+    assert "no driver running" in st and "run the same `vgg-xai sweep` command again" in st, st
+    stopped = [line for line in st.splitlines() if line.startswith(d.name)][0]
+    assert stopped.split()[1] == "stopped:", st
     stamps = {d: (d / "result.json").stat().st_mtime_ns for d in short}
 
     proc = _sweep(spec)
@@ -133,7 +168,7 @@ def test_interrupted_driver_resumes_without_retraining_finished_trials(tmp_path,
     for d in long_running:  # went on from its checkpoint
         starts = [a["start_epoch"] for a in _attempts(d)]
         assert starts[0] == 0 and starts[-1] >= 1
-    rows = collect_rows(tmp_path / "results" / "t")
+    rows = collect_rows(sweep_dir)
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
     _no_ray_left()
 
@@ -231,8 +266,8 @@ def _cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
 
 
 def _errors(stderr: str) -> list[str]:
-    """stderr less Ray's start-up notice about token authentication."""
-    return [x for x in stderr.splitlines() if x.strip() and not x.startswith("Token authentication is enabled")]
+    """stderr's lines (Ray's start-up notice about token authentication is not among them)."""
+    return [x for x in stderr.splitlines() if x.strip()]
 
 
 def test_dry_run_of_the_seed_study_plans_on_any_machine(tmp_path):
@@ -399,7 +434,7 @@ def test_another_users_ray_is_neither_counted_nor_stopped(tmp_path, tiny_cache):
     their mark) is invisible to ray_processes(), and a sweep beside it neither joins nor stops it."""
     import shutil
 
-    from vgg_xai.sweep import free_port
+    from vgg_xai.runtime import free_port
 
     env = {k: v for k, v in os.environ.items() if k != "VGG_XAI_TEST_RUN"}
     temp = tempfile.mkdtemp(prefix="vgg-xai-other-", dir="/tmp")
@@ -444,7 +479,7 @@ def test_another_users_ray_is_neither_counted_nor_stopped(tmp_path, tiny_cache):
 
 
 def test_an_address_where_nothing_answers_is_one_line(tmp_path, tiny_cache):
-    from vgg_xai.sweep import ADDRESS_TIMEOUT_S, free_port
+    from vgg_xai.runtime import ADDRESS_TIMEOUT_S, free_port
 
     address = f"127.0.0.1:{free_port('127.0.0.1')}"  # free: nothing listens there
     t0 = time.monotonic()

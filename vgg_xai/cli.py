@@ -44,6 +44,10 @@ def _add_spec_args(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--results", type=Path, help="the results root (overrides the spec's results)")
     p.add_argument("--force-new", action="store_true",
                    help="start over when the spec changed (the earlier folder is moved aside, not deleted)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one value of the spec (repeatable): KEY is a dotted path into it, VALUE is "
+                        "YAML, checked as if written in the file, e.g. --set training.epochs=1 "
+                        "--set 'grid.variant=[bn, plain]' --set resources.gpu=0.25")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="prepare the CIFAR-10 cache")
+    data = sub.add_parser(
+        "data", help="prepare the CIFAR-10 cache",
+        description="Prepare CIFAR-10 for training: `vgg-xai data prepare` decodes one source (the official "
+                    "pickled batches, an ImageFolder tree or archive, or a torchvision download) once into the "
+                    "HDF5 cache that `train` and `sweep` read. `vgg-xai data prepare --help` lists its options.")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     prep = dsub.add_parser(
         "prepare", help="turn a CIFAR-10 source into the cache training reads",
@@ -101,10 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ray: one job, Ray schedules the trials (default); array: one SLURM array task a trial")
     submit.add_argument("--max-concurrent", type=int, help="array mode: at most this many tasks at once")
 
-    st = sub.add_parser("status", help="SLURM states and per-trial progress of a submitted sweep")
+    st = sub.add_parser(
+        "status", help="a sweep's progress: per trial state, epoch, accuracy, where it runs; ETA",
+        description="Show a sweep's progress, local or on SLURM, read from its folder (no Ray is joined): "
+                    "done / running / pending / failed, elapsed and ETA, whether its driver is alive (or its "
+                    "SLURM jobs' states), then per trial its state, epoch, accuracies, images/s, ETA and where "
+                    "it runs (host:PID or SLURM job), with the last error line of a failed one. Works from any "
+                    "terminal, during and after a sweep.")
     st.add_argument("sweep_dir", type=Path, help="the sweep's results folder, e.g. results/seed")
-    cancel = sub.add_parser("cancel", help="cancel a submitted sweep's SLURM jobs")
+    st.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                    help="redraw every SECONDS (default 2) until the sweep stops or Ctrl-C")
+    cancel = sub.add_parser(
+        "cancel", help="cancel a submitted sweep's SLURM jobs",
+        description="Cancel the SLURM jobs of a sweep folder's latest `vgg-xai submit` (the sweep job and the "
+                    "post-processing job after it, or the array tasks) and print their ids. The trials' "
+                    "checkpoints stay: submitting the same spec again resumes the unfinished trials.")
     cancel.add_argument("sweep_dir", type=Path, help="the sweep's results folder, e.g. results/seed")
+    logs = sub.add_parser(
+        "logs", help="print one trial's log (every attempt) and its SLURM array tasks' output",
+        description="Print a trial's own log, trials/<id>/trial.log: per attempt, where it ran (host, PID, "
+                    "SLURM job or array task, Ray node) and from which epoch, its warnings, one line per epoch, "
+                    "then its result or the traceback it failed with. For a trial run as a SLURM array task "
+                    "(`vgg-xai submit --mode array`), the stdout and stderr SLURM kept of each of its tasks follow, "
+                    "each under its own heading.")
+    logs.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR", help="the sweep's results folder, e.g. results/seed")
+    logs.add_argument("trial_id", metavar="TRIAL_ID",
+                      help="the trial, e.g. bn_augment-lr1e-3-s0 (`vgg-xai status SWEEP_DIR` lists them)")
 
     post = sub.add_parser(
         "postprocess", help="interpret every finished trial; write tables, figures and report.html",
@@ -129,12 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser(
         "results", help="print a sweep folder's results table, or pull one from a cluster",
         usage="vgg-xai results SWEEP_DIR [--format {table,md,csv,json,latex}] [--metric METRIC]\n"
+              "       vgg-xai results SWEEP_DIR --sort METRIC [--top N] [--format {table,md,csv,json}]\n"
               "       vgg-xai results pull SRC DEST",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Two forms:\n\n"
+        description="Three forms:\n\n"
                     "  vgg-xai results SWEEP_DIR    print the variant x schedule pivot of a metric (mean ± std\n"
                     "                               over seeds) of a local sweep folder, read from its trial\n"
                     "                               folders (or, without trials/, its tables/accuracy.json)\n"
+                    "  vgg-xai results SWEEP_DIR --sort METRIC [--top N]\n"
+                    "                               print one row per trial instead, best first by METRIC\n"
+                    "                               (lower first for ece, deletion_auc, sanity_rho, wall_s),\n"
+                    "                               trials without a value last; --top N keeps the first N\n"
                     "  vgg-xai results pull SRC DEST\n"
                     "                               copy a sweep folder's spec, tables, figures, report and\n"
                     "                               per-trial metrics (never checkpoints or feature dumps)\n"
@@ -144,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  vgg-xai results results/seed\n"
                "  vgg-xai results results/seed --format latex --metric ari\n"
+               "  vgg-xai results results/seed --sort test_acc --top 5\n"
                "  vgg-xai results pull HOST:/scratch/me/results/seed ./results/seed\n"
                "(a local folder named pull: write ./pull)")
     res.add_argument("target", metavar="SWEEP_DIR|pull", help="a sweep's results folder, e.g. results/seed; "
@@ -151,11 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("paths", nargs="*", metavar="SRC DEST", help="pull only: where from and where to")
     res.add_argument("--format", choices=("table", "md", "csv", "json", "latex"), default=None,
                      help="table (default: for the terminal), md, csv (long form: variant,schedule,metric,mean,"
-                          "std,n,of), json (the pivot and the rows) or latex (a booktabs tabular)")
+                          "std,n,of), json (the pivot and the rows) or latex (a booktabs tabular); with --sort: "
+                          "the ranked trials as table, md, csv or json")
     res.add_argument("--metric", default=None,
                      help="the column to pivot: test_acc (default), best_valid_acc, best_epoch, epochs, wall_s, "
                           "or an interpretation metric: ari, nmi, purity, ece, deletion_auc, insertion_auc, "
                           "sanity_rho")
+    res.add_argument("--sort", metavar="METRIC", default=None,
+                     help="print the trials instead of the pivot, best first by METRIC (any --metric name; "
+                          "higher first but for ece, deletion_auc, sanity_rho and wall_s), no value last")
+    res.add_argument("--top", type=int, metavar="N", default=None, help="with --sort: only the first N trials")
     return parser
 
 
@@ -164,7 +205,7 @@ def _load_spec(args: argparse.Namespace):
 
     from .config import JobSpec
 
-    spec = JobSpec.from_yaml(args.spec)
+    spec = JobSpec.from_yaml(args.spec, overrides=args.set)
     if args.results is not None:
         spec = dataclasses.replace(spec, results=str(args.results))
     return spec
@@ -184,9 +225,18 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .slurm import status
+    from . import monitor
+    from .slurm import jobs_view
 
-    print(status(args.sweep_dir))
+    if args.watch is None:
+        print(monitor.status(args.sweep_dir, jobs=jobs_view))
+        return 0
+    if args.watch <= 0:
+        raise UserError(f"--watch: must be a positive number of seconds, got {args.watch:g}")
+    try:
+        monitor.watch(args.sweep_dir, every=args.watch, jobs=jobs_view)
+    except KeyboardInterrupt:
+        print()
     return 0
 
 
@@ -226,21 +276,37 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from .results import load_rows, pull, pull_summary, render
+    from .results import load_rows, pull, pull_summary, render, render_ranked
 
     if args.target == "pull":
         if len(args.paths) != 2:
             raise UserError("results pull: expected SRC DEST, e.g. "
                             "`vgg-xai results pull HOST:/scratch/me/results/seed results/seed`")
-        if args.format is not None or args.metric is not None:
-            raise UserError("results pull: --format and --metric are for reading a folder; "
+        if args.format is not None or args.metric is not None or args.sort is not None or args.top is not None:
+            raise UserError("results pull: --format, --metric, --sort and --top are for reading a folder; "
                             "pull first, then run `vgg-xai results DEST --format ...`")
         print(pull_summary(pull(*args.paths)))
         return 0
     if args.paths:
         raise UserError(f"results: unexpected argument(s) {' '.join(args.paths)}; "
                         "to copy from a cluster use `vgg-xai results pull SRC DEST`")
-    sys.stdout.write(render(load_rows(args.target), args.metric or "test_acc", args.format or "table"))
+    if args.sort is None:
+        if args.top is not None:
+            raise UserError(f"--top: ranks trials by --sort METRIC; e.g. --sort test_acc --top {args.top}")
+        sys.stdout.write(render(load_rows(args.target), args.metric or "test_acc", args.format or "table"))
+        return 0
+    if args.metric is not None:
+        raise UserError("--metric picks the pivot's metric, --sort the one the trials are ranked by; pass one of them")
+    if args.top is not None and args.top < 1:
+        raise UserError(f"--top: must be >= 1, got {args.top}")
+    sys.stdout.write(render_ranked(load_rows(args.target), args.sort, args.format or "table", top=args.top))
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from .logs import trial_logs
+
+    sys.stdout.write(trial_logs(args.sweep_dir, args.trial_id))
     return 0
 
 
@@ -285,13 +351,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_epoch(m: dict, _ckpt: Path) -> None:
-    print(f"epoch {m['epoch']:>3}  lr {m['lr']:.0e}  train {m['train_loss']:.4f} / {m['train_acc']:.3f}  "
-          f"valid {m['valid_loss']:.4f} / {m['valid_acc']:.3f}  {m['images_per_s']:.0f} img/s  {m['seconds']:.1f}s",
-          flush=True)
+    from .train import format_epoch
+
+    print(format_epoch(m), flush=True)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from . import sweep
+    from .locks import driving
 
     spec = _load_spec(args)
     if args.dry_run:
@@ -301,15 +368,40 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"vgg-xai: warning: {w}", file=sys.stderr)
         return 0
     sweep.check_inputs(spec, data=args.data, check_local=not args.address, address=args.address)  # nothing written yet
-    with sweep.driving(sweep.sweep_dir_of(spec)):
+    with driving(sweep.sweep_dir_of(spec)):
         plan = sweep.plan(spec, data=args.data, force_new=args.force_new, check_local=not args.address)
-        outcome = sweep.run(plan, address=args.address)
+        try:
+            outcome = sweep.run(plan, address=args.address)
+        except KeyboardInterrupt:
+            left = len(plan.pending())
+            print(f"\nstopped: {left} of {len(plan.trials)} trials unfinished, each kept at its last checkpoint; "
+                  f"run the same command again to continue", file=sys.stderr, flush=True)
+            return 130
+        return _after_sweep(plan, outcome, args.address)
+
+
+def _after_sweep(plan, outcome, address: str | None) -> int:
+    """Post-processing after a sweep, then what the user needs to know: the pivot, where the tables
+    and the report are, and what failed."""
+    from .postprocess import postprocess
+    from .results import format_pivot
+
+    post = postprocess(plan.sweep_dir, address=address)
+    print(f"\n{format_pivot(post.pivot)}\n\ntables: {plan.sweep_dir / 'tables'}\nreport: {post.report}", flush=True)
+    if post.failed:
+        print(f"interpretation failed for {', '.join(post.failed)} (see trials/<id>/interpret/error.txt)", flush=True)
+    if outcome.failed:
+        print(f"failed after {plan.spec.retries} retries: {', '.join(outcome.failed)} (see trials/<id>/error.txt)",
+              flush=True)
+    if outcome.unfinished:
+        print(f"stopped with {len(outcome.unfinished)} trials unfinished; run the same command again to continue",
+              flush=True)
     return 130 if outcome.unfinished else (1 if outcome.failed else 0)
 
 
 COMMANDS = {"data": _cmd_prepare, "train": _cmd_train, "sweep": _cmd_sweep, "submit": _cmd_submit,
             "status": _cmd_status, "cancel": _cmd_cancel, "postprocess": _cmd_postprocess,
-            "results": _cmd_results}
+            "results": _cmd_results, "logs": _cmd_logs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,22 +11,20 @@ waits, then finds the trial up to date. Every file is written atomically.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .errors import UserError
+from .locks import locked
 from .results import trial_status, write_tables
 
 SCHEMA = "vgg-xai/interpret/1"
@@ -109,19 +107,6 @@ def up_to_date(trial_dir: Path, settings: Settings) -> bool:
         return False
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock held for the block (waits for another holder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def interpret_trial(trial_dir: str | Path, settings: Settings = Settings(), threads: int | None = None,
                     force: bool = False) -> dict[str, Any]:
     """Run the interpretation suite on one finished trial; returns ``{"trial_id", "skipped", "seconds"}``.
@@ -129,7 +114,7 @@ def interpret_trial(trial_dir: str | Path, settings: Settings = Settings(), thre
     Safe to call from several processes at once (one computes, the others wait and skip).
     """
     trial_dir = Path(trial_dir)
-    with _locked(trial_dir / "interpret" / ".lock"):
+    with locked(trial_dir / "interpret" / ".lock"):
         if not force and up_to_date(trial_dir, settings):
             return {"trial_id": trial_dir.name, "skipped": True, "seconds": 0.0}
         t0 = time.perf_counter()
@@ -332,8 +317,17 @@ def _task(trial_dir: str, settings: Settings, threads: int | None, force: bool) 
     try:
         return interpret_trial(trial_dir, settings, threads, force)
     except Exception as e:  # noqa: BLE001 - one trial's failure must not stop the others
-        atomic_write_text(Path(trial_dir) / "interpret" / "error.txt", traceback.format_exc())
-        return {"trial_id": Path(trial_dir).name, "error": f"{type(e).__name__}: {e}"}
+        return _failed(trial_dir, f"{type(e).__name__}: {e}", traceback.format_exc())
+
+
+def _failed(trial_dir: str, error: str, text: str | None = None) -> dict[str, Any]:
+    atomic_write_text(Path(trial_dir) / "interpret" / "error.txt", text or error + "\n")
+    return {"trial_id": Path(trial_dir).name, "error": error}
+
+
+def _lost(args: tuple, reason: str) -> dict[str, Any]:
+    """A trial whose interpreting process died (a crash in native code, out of memory)."""
+    return _failed(args[0], reason)
 
 
 def postprocess(sweep_dir: str | Path, settings: Settings = Settings(), workers: int | None = None,
@@ -346,7 +340,7 @@ def postprocess(sweep_dir: str | Path, settings: Settings = Settings(), workers:
     """
     from .interpret.embedding import available_cpus
     from .progress import progress
-    from .sweep import map_tasks
+    from .runtime import map_tasks
 
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "trials").is_dir():
@@ -357,11 +351,13 @@ def postprocess(sweep_dir: str | Path, settings: Settings = Settings(), workers:
         todo = [d for d in dirs if force or not up_to_date(d, settings)]
         summary.skipped = [d.name for d in dirs if d not in todo]
         cpus = available_cpus()
+        in_process = workers == 1 and not address  # asked for: no Ray, and no shelter from a crash
         workers = max(1, min(workers or cpus, len(todo)))
         threads = max(1, cpus // workers)
         with progress(total=len(todo), desc="interpret", unit="trial") as bar:
             calls = [(str(d), settings, threads, force) for d in todo]
-            for n, r in enumerate(map_tasks(_task, calls, workers, address), 1):
+            for n, r in enumerate(map_tasks(_task, calls, workers=workers, address=address,
+                                                 in_process=in_process, lost=_lost), 1):
                 bar.update()
                 if bar.disable:  # a log (SLURM, CI) gets one line a trial instead of the bar
                     state = f"failed: {r['error']}" if "error" in r else \

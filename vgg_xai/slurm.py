@@ -27,7 +27,9 @@ import submitit
 
 from .checkpoint import atomic_write_text
 from .config import ClusterProfile, JobSpec, TrialConfig
+from . import runtime
 from .errors import UserError
+from .locks import driving
 
 JOBS = "slurm/jobs.json"
 
@@ -116,7 +118,7 @@ class SweepJob(submitit.helpers.Checkpointable):
         if env.global_rank != 0:  # a Ray worker node; task 0 drives
             self._multi_node(sweep, sweep.sweep_dir_of(self.spec), env, *_allocation(), plan=None)
             return "worker"
-        with sweep.driving(sweep.sweep_dir_of(self.spec)):
+        with driving(sweep.sweep_dir_of(self.spec)):
             return self._drive(sweep, env)
 
     def _drive(self, sweep, env) -> str:
@@ -124,12 +126,12 @@ class SweepJob(submitit.helpers.Checkpointable):
         plan = sweep.plan(self.spec, data=self.data, check_local=False)
         nodes = env.num_nodes
         if nodes == 1:
-            started = sweep.ray_init(num_cpus=cpus, num_gpus=gpus)
+            started = runtime.ray_init(num_cpus=cpus, num_gpus=gpus)
             try:
                 outcome = sweep.run(plan)
             finally:
                 if started:
-                    sweep.ray_shutdown()
+                    runtime.ray_shutdown()
         else:
             outcome = self._multi_node(sweep, plan.sweep_dir, env, cpus, gpus, plan=plan)
         if outcome.failed:
@@ -153,11 +155,11 @@ class SweepJob(submitit.helpers.Checkpointable):
         ip = self._node_ip()
         if plan is not None:  # task 0
             try:
-                head = sweep.start_head(ip, cpus, gpus, folder / "ray-logs" / f"{run}-head.log", token=token,
+                head = runtime.start_head(ip, cpus, gpus, folder / "ray-logs" / f"{run}-head.log", token=token,
                                         temp_dir=f"/tmp/vgg-xai-ray-{env.job_id}")
                 self._nodes = [head]
                 atomic_write_text(rendezvous, json.dumps({"address": head.address}))
-                sweep.wait_for_nodes(head.address, env.num_nodes, ip, token=token, timeout=300, nodes=[head])
+                runtime.wait_for_nodes(head.address, env.num_nodes, ip, token=token, timeout=300, nodes=[head])
                 return sweep.run(plan, address=head.address)
             finally:
                 atomic_write_text(done, "")
@@ -170,7 +172,7 @@ class SweepJob(submitit.helpers.Checkpointable):
                 raise RuntimeError(f"no Ray head address in {rendezvous} after 600 s; see task 0's log")
             time.sleep(1)
         address = json.loads(rendezvous.read_text())["address"]
-        self._nodes = [sweep.start_worker(address, ip, cpus, gpus,
+        self._nodes = [runtime.start_worker(address, ip, cpus, gpus,
                                           folder / "ray-logs" / f"{run}-worker{env.global_rank}.log", token=token)]
         try:
             while not done.exists() and self._nodes[0].proc.poll() is None:
@@ -194,10 +196,8 @@ class SweepJob(submitit.helpers.Checkpointable):
     def _stop_ray(self) -> None:
         """Disconnect the driver, then stop the Ray nodes this task started."""
         if "ray" in sys.modules:
-            from . import sweep
-
             try:
-                sweep.ray_shutdown()
+                runtime.ray_shutdown()
             except Exception:  # noqa: BLE001 - the nodes must be stopped even if the driver is half gone
                 pass
         for node in getattr(self, "_nodes", []):
@@ -283,7 +283,7 @@ def submit(spec: JobSpec, profile: ClusterProfile, *, data: str | None = None, m
     if active:
         raise UserError(f"{sweep_dir}: this sweep's SLURM jobs are still queued or running ({', '.join(active)}); "
                         f"wait for them (vgg-xai status {sweep_dir}) or stop them (vgg-xai cancel {sweep_dir})")
-    with sweep.driving(sweep_dir):  # no local driver on it now, and none while the folder is prepared
+    with driving(sweep_dir):  # no local driver on it now, and none while the folder is prepared
         plan = sweep.plan(spec, data=data, force_new=force_new, check_local=False)
     folder = plan.sweep_dir / "slurm"
     name = f"vgg-xai-{spec.name}"
@@ -359,10 +359,17 @@ def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def status(sweep_dir: str | Path, tail: int = 15) -> str:
-    """Per job (id, state, elapsed, nodes, pending reason; a failed job's stderr tail) and per trial."""
-    from .results import collect_rows
+def jobs_view(sweep_dir: str | Path) -> tuple[list[str], bool]:
+    """What `vgg-xai status` shows of a sweep's SLURM jobs: their lines (none for a sweep never
+    submitted), and whether any of them is still queued or running."""
+    if not _read_jobs(Path(sweep_dir)):
+        return [], False
+    return job_lines(sweep_dir), bool(active_jobs(Path(sweep_dir)))
 
+
+def job_lines(sweep_dir: str | Path, tail: int = 15) -> list[str]:
+    """Per job of the latest submission: id, role, state, elapsed, nodes, pending reason; a failed
+    job's stderr tail (`vgg-xai status` shows them above its trials)."""
     sweep_dir = Path(sweep_dir)
     jobs = _latest_jobs(sweep_dir)
     states = job_states([j["job_id"] for j in jobs])
@@ -370,24 +377,14 @@ def status(sweep_dir: str | Path, tail: int = 15) -> str:
     for j in jobs:
         s = states.get(j["job_id"], {"state": "UNKNOWN", "elapsed": "", "nodes": "", "reason": ""})
         role = j["role"] + (f" {j['trial_id']}" if "trial_id" in j else "")
-        lines.append(f"{j['job_id']:<14} {role:<12} {s['state']:<11} {s['elapsed']:<10} {s['nodes']:<12} {s['reason']}")
+        lines.append(f"{j['job_id']:<14} {role:<12} {s['state']:<11} {s['elapsed']:<10} {s['nodes']:<12} "
+                     f"{s['reason']}".rstrip())
         if s["state"] in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
             err = _stderr(sweep_dir, j["job_id"])
             if err:
                 lines.append(f"  stderr of {j['job_id']} (last {tail} lines):")
                 lines += ["    " + x for x in err.splitlines()[-tail:]]
-    rows = collect_rows(sweep_dir)
-    if rows:
-        lines.append("")
-        lines.append(f"{'trial':<36} {'status':<10} {'epoch':>5}  {'best valid':<10}  why")
-        for r in rows:
-            best = "" if r["best_valid_acc"] != r["best_valid_acc"] else f"{r['best_valid_acc']:.4f}"
-            lines.append(f"{r['trial_id']:<36} {r['status']:<10} {r['epochs']:>5}  {best:<10}  {r['note']}".rstrip())
-        missing = [r for r in rows if r["status"] not in ("completed", "diverged")]
-        if missing and not active_jobs(sweep_dir):
-            lines.append(f"\n{len(missing)} of {len(rows)} trials have no result and no job of this sweep is queued; "
-                         f"`vgg-xai submit` the same spec again to run them")
-    return "\n".join(lines)
+    return lines
 
 
 def _stderr(sweep_dir: Path, job_id: str) -> str:
