@@ -143,9 +143,26 @@ def test_checkpoints_load_weights_only(tiny_cache, tmp_path):
         assert set(d) >= {"model", "config", "epoch"}
 
 
-def test_bf16_autocast_trains_on_cpu(tiny_cache, tmp_path):
-    result = run_trial(_cfg(tiny_cache, epochs=1, precision="bf16"), tmp_path)
+def test_bf16_autocast_trains_on_cpu_and_the_test_dump_is_fp32(tiny_cache, tmp_path):
+    """Trained under bf16 autocast, the test-set dump is the fp32 computation the interpretation
+    suite repeats: the same logits as an fp32 forward pass of the checkpoint, and it says so."""
+    from vgg_xai.data import load_splits
+    from vgg_xai.model import build_model
+
+    cfg = _cfg(tiny_cache, variant="bn", epochs=1, precision="bf16")
+    result = run_trial(cfg, tmp_path)
     assert result.status == "completed" and np.isfinite(result.test_loss)
+    dump = features.read(tmp_path / "features.h5")
+    assert dump.precision == "fp32"
+    net = build_model(cfg)
+    net.load_state_dict(checkpoint.load(tmp_path / "checkpoint.pt")["model"])
+    net.eval()
+    test = load_splits(cfg.data, torch.device("cpu"))[0]["test"]
+    with torch.no_grad():
+        logits = torch.cat([net(x) for x, _ in test.batches(cfg.batch_size)]).numpy()
+    np.testing.assert_allclose(dump.logits, logits, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(dump.predictions, logits.argmax(1))
+    assert result.test_acc == pytest.approx((dump.predictions == dump.labels).mean())
 
 
 def test_cli_train_from_yaml_with_flag_override(tiny_cache, tmp_path):

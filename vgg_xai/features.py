@@ -6,7 +6,8 @@ One writer, one reader. Layout:
     /labels       int64   (N,)
     /predictions  int64   (N,)
     /history/<column>     one 1-d dataset per history.csv column
-    attrs: schema, config (JSON), classes (JSON), versions (JSON), git_commit, created
+    attrs: schema, config (JSON), classes (JSON), versions (JSON), git_commit, created,
+           precision (the computation that made it: "fp32", the one the interpretation suite repeats)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class FeatureDump:
     classes: list[str]
     versions: dict[str, str]
     git_commit: str
+    precision: str = "fp32"  # "unknown" for a dump made before it was recorded
 
 
 def write(path: str | Path, dump: FeatureDump) -> None:
@@ -57,6 +59,7 @@ def write(path: str | Path, dump: FeatureDump) -> None:
                 "schema": SCHEMA, "config": json.dumps(dump.config, sort_keys=True),
                 "classes": json.dumps(dump.classes), "versions": json.dumps(dump.versions, sort_keys=True),
                 "git_commit": dump.git_commit, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "precision": dump.precision,
             })
 
     atomic_write_bytes(Path(path), _write)
@@ -75,4 +78,5 @@ def read(path: str | Path) -> FeatureDump:
             predictions=f["predictions"][()], history=history,
             config=json.loads(f.attrs["config"]), classes=json.loads(f.attrs["classes"]),
             versions=json.loads(f.attrs["versions"]), git_commit=str(f.attrs["git_commit"]),
+            precision=str(f.attrs.get("precision", "unknown")),
         )
