@@ -16,13 +16,14 @@ from vgg_xai.config import TrialConfig
 from vgg_xai.interpret.activations import bn_histograms
 from vgg_xai.interpret.cam import METHODS, activations_and_gradients, cam, gap_input_layer
 from vgg_xai.interpret.clusters import bic_scan, cluster_scores, contingency, fit_gmm
-from vgg_xai.interpret.embedding import pca, tsne
-from vgg_xai.interpret.faithfulness import deletion_auc, insertion_auc, perturbation_curves
+from vgg_xai.interpret.embedding import pca, tsne, tsne_method
+from vgg_xai.interpret import degenerate
+from vgg_xai.interpret.faithfulness import curve_auc, deletion_auc, insertion_auc, perturbation_curves, pixel_order
 from vgg_xai.interpret.filters import conv_weights, feature_maps, first_layer_rgb, through_every_conv
-from vgg_xai.interpret.hooks import capture
+from vgg_xai.interpret.hooks import capture, inference_copy
 from vgg_xai.interpret.metrics import confusion, ece, per_class_accuracy
 from vgg_xai.interpret.probes import probe_indices
-from vgg_xai.interpret.sanity import cascading_randomization
+from vgg_xai.interpret.sanity import cascading_randomization, randomization_check, spearman_rows
 from vgg_xai.model import build_model
 
 PATCH = 8
@@ -217,6 +218,24 @@ def test_cam_leaves_no_trace(method):
     assert_untouched(model, *before)
 
 
+def test_inference_copy_computes_the_same_outputs_and_leaves_the_model_alone():
+    model = vgg(variant="bn").train()
+    with torch.no_grad():  # running statistics that are not the identity, as after training
+        for _, bn in model.batchnorms():
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    before = flags(model)
+    x = torch.randn(5, 3, 32, 32)
+    fast = inference_copy(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # folded into the convs
+    with torch.no_grad():
+        expected = model.eval()(x)
+        model.train()
+        np.testing.assert_allclose(fast(x).numpy(), expected.numpy(), atol=1e-4)
+    assert len(model.batchnorms()) == 8
+    assert_untouched(model, *before)
+
+
 def test_hooks_removed_and_modes_restored_on_errors():
     model = vgg(variant="bn").train()
     before = flags(model)
@@ -264,6 +283,34 @@ def test_perturbation_curves_run_from_image_to_baseline(patch_model, probes):
     np.testing.assert_allclose(ins[:, -1], start, atol=1e-5)
 
 
+def test_tied_pixels_have_one_fixed_order():
+    """Ties (a rectified map's zeros) go by the tiebreak map, then row-major; an image's order does
+    not depend on the other images of the batch, and an all-zero map is ordered as the tiebreak."""
+    rng = np.random.default_rng(0)
+    maps = np.where(rng.random((6, 8, 8)) < 0.4, 0.0, rng.random((6, 8, 8)))  # 40% exact zeros
+    maps[5] = 0.0
+    rnd = rng.random(maps.shape)
+    order = pixel_order(maps, rnd)
+    for i in range(len(maps)):
+        assert np.array_equal(order[i], pixel_order(maps[i:i + 1], rnd[i:i + 1])[0])  # alone = in the batch
+        m, t = maps[i].ravel()[order[i]], rnd[i].ravel()[order[i]]
+        assert np.all(np.diff(m) <= 0)  # highest first
+        tied = np.diff(m) == 0
+        assert np.all(np.diff(t)[tied] < 0)  # ties by the tiebreak, highest first
+    assert np.array_equal(order[5], np.argsort(-rnd[5].ravel()))
+    assert np.array_equal(pixel_order(np.zeros((2, 3, 3))), np.tile(np.arange(9), (2, 1)))  # default: row-major
+    assert np.array_equal(pixel_order(maps, rnd), order)  # the same every time
+
+
+def test_an_all_zero_map_scores_as_the_random_map_that_breaks_its_ties(patch_model, probes):
+    x, y, _ = probes
+    rnd = np.random.default_rng(0).random((8, 32, 32))
+    _, zero = perturbation_curves(patch_model, x[:8], np.zeros((8, 32, 32)), y[:8], "deletion", 8, tiebreak=rnd)
+    _, random = perturbation_curves(patch_model, x[:8], rnd, y[:8], "deletion", 8)
+    np.testing.assert_array_equal(zero, random)
+    assert curve_auc(zero).shape == (8,)
+
+
 # ------------------------------------------------------------------------------- sanity
 
 
@@ -283,6 +330,50 @@ def test_cascading_randomization_destroys_the_maps(patch_model, probes):
 def test_randomization_order_covers_the_mlp_head():
     out = cascading_randomization(vgg(head="mlp"), torch.randn(2, 3, 32, 32), "gradcam")
     assert out["layers"] == ["classifier", "head.fc2", "head.fc1"] + [f"conv{i}" for i in range(8, 0, -1)]
+
+
+def test_spearman_of_a_flat_map_is_undefined_not_zero():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((4, 8, 8)), rng.random((4, 8, 8))
+    a[1], b[2], b[3] = 0.0, 0.7, a[3]
+    rho = spearman_rows(a, b)
+    assert np.isnan(rho[1]) and np.isnan(rho[2])  # all zero, constant
+    assert rho[3] == pytest.approx(1) and -1 <= rho[0] <= 1
+
+
+def test_randomization_check_leaves_out_and_counts_all_zero_maps(patch_model, probes, monkeypatch):
+    """Over several draws: mean and std of the signed and absolute correlation over the defined
+    (draw, image) pairs; images whose trained map is all zero are left out of every step and
+    counted, never scored 0."""
+    import vgg_xai.interpret.sanity as sanity
+
+    real = sanity.cam
+
+    def zero_first_two(*args, **kw):
+        maps = real(*args, **kw)
+        maps[:2] = 0.0
+        return maps
+
+    x = probes[0][:12]
+    monkeypatch.setattr(sanity, "cam", zero_first_two)
+    out = randomization_check(patch_model, x, "gradcam", draws=3, seed=0)
+    steps = len(out["layers"])
+    assert out["n_draws"] == 3 and out["n_images"] == 12 and out["flat_trained"] == 2
+    assert out["spearman_per_draw"].shape == (3, steps)
+    assert np.all(out["n_pairs"] + out["n_degenerate"] == 36) and np.all(out["n_degenerate"] >= 6)
+    per = np.stack([cascading_randomization(patch_model, x, "gradcam", seed=d)["spearman_per_image"]
+                    for d in range(3)])  # zeroed maps too: the patched cam is used by both
+    assert np.isnan(per[:, :, :2]).all()
+    last = per[:, -1][np.isfinite(per[:, -1])]
+    assert len(last) == out["n_pairs"][-1]
+    assert out["spearman"][-1] == pytest.approx(last.mean())
+    assert out["spearman_std"][-1] == pytest.approx(last.std())
+    assert out["abs_spearman"][-1] == pytest.approx(np.abs(last).mean())
+    assert out["abs_spearman_std"][-1] == pytest.approx(np.abs(last).std())
+    # Draws differ; the same seed gives the same draws.
+    assert not np.allclose(out["spearman_per_draw"][0], out["spearman_per_draw"][1])
+    again = randomization_check(patch_model, x, "gradcam", draws=3, seed=0)
+    np.testing.assert_array_equal(again["spearman"], out["spearman"])
 
 
 # --------------------------------------------------------------- embedding and clusters
@@ -312,6 +403,50 @@ def test_tsne_keeps_separated_clusters_apart():
     np.fill_diagonal(d, np.inf)
     assert (y[d.argmin(1)] == y).mean() > 0.95
     assert pca(x, 50).shape == (210, 50) and pca(x[:10], 50).shape == (10, 10)
+
+
+def test_tsne_refuses_what_would_turn_into_nan():
+    """openTSNE turns identical vectors into NaN (its initialization divides by their spread) and
+    can crash on NaN: neither reaches it."""
+    x, _ = blobs(20, 3, 5)
+    x[4, 2] = np.nan
+    with pytest.raises(ValueError, match="1 of 60 vectors are not finite"):
+        tsne(x)
+    with pytest.raises(ValueError, match="all 60 vectors are the same"):
+        tsne(np.ones((60, 512), dtype=np.float32))
+    assert tsne_method(10_000, "fft") == "fft" and tsne_method(500) == "bh"
+
+
+def test_bic_scan_in_threads_is_the_sequential_scan():
+    x, _ = blobs(60, 3, 4)
+    one = bic_scan(x, ks=range(2, 6), covariance_types=("full", "diag"))
+    two = bic_scan(x, ks=range(2, 6), covariance_types=("full", "diag"), n_jobs=2)
+    np.testing.assert_array_equal(one["bic"], two["bic"])
+    assert one["best"] == two["best"]
+
+
+def test_degenerate_features_and_maps_are_named():
+    classes = [f"c{i}" for i in range(10)]
+    same = np.tile(np.linspace(0, 1, 16, dtype=np.float32), (200, 1))
+    checks, reasons = degenerate.feature_checks(same, np.zeros((200, 10)), np.full(200, 3), classes)
+    assert checks["distinct_features"] == 1 and checks["feature_std"] == 0 and checks["predicted_classes"] == 1
+    assert reasons == ["every test image gets the same feature vector (feature std 0)",
+                       "one predicted class for all 200 test images (c3)"]
+    assert degenerate.collapsed(checks) and degenerate.insensitive(checks)
+    x, y = blobs(20, 10, 16)
+    checks, reasons = degenerate.feature_checks(x, x[:, :10], y, classes)
+    assert reasons == [] and not degenerate.collapsed(checks) and checks["predicted_classes"] == 10
+
+    maps = np.random.default_rng(0).random((10, 8, 8))
+    maps[:8] = 0.0
+    c = degenerate.map_checks(maps, "cam")
+    assert c["cam_zero_maps"] == 8 and degenerate.degenerate_maps(c, "cam")
+    assert degenerate.maps_finding(c, "cam") == "8 of 10 all zero"
+    same_map = np.tile(np.random.default_rng(1).random((1, 8, 8)), (10, 1, 1)) + 1e-6 * np.arange(10)[:, None, None]
+    c = degenerate.map_checks(same_map, "cam")
+    assert c["cam_identical_maps"] and degenerate.maps_finding(c, "cam") == "all 10 the same map"
+    c = degenerate.map_checks(np.random.default_rng(2).random((10, 8, 8)), "cam")
+    assert not degenerate.degenerate_maps(c, "cam")
 
 
 def test_cluster_scores():

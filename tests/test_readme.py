@@ -56,6 +56,9 @@ REFUSED_HERE = {
 }
 # README commands this module does not run, and why; each is reported as a skip with its reason.
 NOT_RUN_HERE = {
+    "vgg-xai sweep jobs/cpu.yaml --data PATH/TO/cifar10":
+        "the CPU study trains 15 trials on 40,000 images (half an hour or more on 2 cores); "
+        "test_the_cpu_study_plans checks its spec, and the smoke study runs the same code",
     "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu":
         "it downloads torch's CPU build from download.pytorch.org (tests talk only to 127.0.0.1) and would "
         "replace this environment's torch",
@@ -201,6 +204,18 @@ def test_sweeps_of_the_seed_study(walk, tmp_path):
 @pytest.mark.parametrize("line", list(NOT_RUN_HERE))
 def test_not_run_here(line):
     pytest.skip(reason=f"not run here: `{line}`: {NOT_RUN_HERE[line]}")
+
+
+def test_the_cpu_study_plans(walk):
+    """jobs/cpu.yaml as the README describes it: the seed's 15 trials on the full training split."""
+    r = walk.run(f"vgg-xai sweep jobs/cpu.yaml --dry-run --data {SHARED_DATA}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("sweep cpu: 15 trials, 1 CPU and 0 GPU each"), r.stdout
+    assert r.stdout.count("vgg11_cifar width 0.125 mlp epochs 3  [to run]") == 15, r.stdout
+    from vgg_xai.config import JobSpec
+
+    spec = JobSpec.from_yaml(REPO / "jobs" / "cpu.yaml")
+    assert spec.data.get("train_size") is None  # the full 40,000-image training split
 
 
 def test_overrides_with_set(walk):

@@ -26,8 +26,8 @@ from PIL import Image
 from conftest import FAKE_SSH
 from vgg_xai.cli import main
 from vgg_xai.config import TrialConfig
-from vgg_xai.results import (INTERPRET_METRICS, LOWER_IS_BETTER, METRICS, ROW_COLUMNS, collect_rows, format_pivot,
-                             json_rows, pivot, pull_filters, ranked, write_tables)
+from vgg_xai.results import (INTERPRET_COLUMNS, INTERPRET_METRICS, LOWER_IS_BETTER, METRICS, ROW_COLUMNS, collect_rows,
+                             format_pivot, json_rows, pivot, pull_filters, ranked, write_tables)
 from vgg_xai.train import HISTORY_COLUMNS, TrialResult
 
 # (variant, schedule) -> test accuracy per seed; bn_augment has an underscore for LaTeX to escape.
@@ -134,7 +134,8 @@ def test_csv_reads_back_to_the_trials_numbers(sweep, capsys):
     rc, out, err = run(capsys, sweep, "--format", "csv")
     assert rc == 0, err
     lines = list(csv.DictReader(io.StringIO(out)))
-    assert list(lines[0]) == ["variant", "schedule", "metric", "mean", "std", "n", "of"]
+    assert list(lines[0]) == ["variant", "schedule", "metric", "mean", "std", "n", "of", "degenerate"]
+    assert {r["degenerate"] for r in lines} == {"0"}
     want = _expected(ACC)
     assert {(r["variant"], r["schedule"]) for r in lines} == set(want)
     cells = pivot(collect_rows(sweep))["cells"]
@@ -200,11 +201,13 @@ def test_metric_ari_pivots_the_interpretation_metrics(sweep, capsys):
 def test_tables_hold_the_interpretation_columns_and_pivots(tmp_path):
     sweep, _ = make_sweep(tmp_path)
     header = (sweep / "tables" / "accuracy.csv").read_text().splitlines()[0].split(",")
-    assert header == ROW_COLUMNS and header[header.index("test_acc") + 1:-1] == INTERPRET_METRICS
+    assert header == ROW_COLUMNS and header[header.index("test_acc") + 1:-1] == INTERPRET_COLUMNS
+    assert header[header.index("deletion_auc"):header.index("deletion_auc") + 3] == \
+        ["deletion_auc", "deletion_auc_se", "deletion_auc_random"]  # each score beside its random-map baseline
     md = (sweep / "tables" / "accuracy.md").read_text()
     assert "## Interpretation metrics" in md
-    for m in INTERPRET_METRICS:
-        assert (f"### {m}\n" in md) == (m != "sanity_rho")  # only metrics some trial has
+    for m in INTERPRET_METRICS:  # only metrics some trial has
+        assert (f"### {m}\n" in md) == (m not in ("sanity_rho", "sanity_abs_rho", "insertion_auc_random"))
     saved = json.loads((sweep / "tables" / "accuracy.json").read_text())
     assert saved["rows"] == json_rows(collect_rows(sweep)) and saved["pivot"]["metric"] == "test_acc"
 
@@ -240,14 +243,15 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, sweep, tmp_path, capsys
     assert rc == 2 and out == ""
     assert err.startswith("vgg-xai: error: ") and message in err and len(err.strip().splitlines()) == 1
     if "accuracy" in argv:
-        assert "ari, nmi, purity, ece, deletion_auc, insertion_auc, sanity_rho, wall_s" in err
+        assert ("ari, nmi, purity, ece, deletion_auc, deletion_auc_random, insertion_auc, insertion_auc_random, "
+                "sanity_rho, sanity_abs_rho, wall_s") in err
 
 
 # ---------------------------------------------------------------------------- --sort / --top
 
 TEST_ACC = {f"{v}-{'lr1e-3' if s == 'const_1e-3' else 'lralt'}-s{seed}": acc
             for (v, s), accs in ACC.items() for seed, acc in enumerate(accs)}
-RANK_HEAD = ["trial_id", "variant", "lr_schedule", "seed", "status"]
+RANK_HEAD = ["trial_id", "variant", "lr_schedule", "seed", "status", "degenerate"]
 RANK_TAIL = ["test_acc", "best_valid_acc", "epochs", "wall_s"]
 
 
@@ -285,7 +289,8 @@ def test_sort_json_and_md_by_an_interpretation_metric(sweep, capsys):
     assert [r["trial_id"] for r in data["rows"][7:]] == sorted([NOT_INTERPRETED, FAILED.trial_id])
     rc, out, err = run(capsys, sweep, "--sort", "best_valid_acc", "--top", "2", "--format", "md")
     assert rc == 0, err
-    assert "| trial_id | variant | lr_schedule | seed | status | best_valid_acc | test_acc | epochs | wall_s |" in out
+    assert ("| trial_id | variant | lr_schedule | seed | status | degenerate | best_valid_acc | test_acc | epochs "
+            "| wall_s |") in out
     assert out.count("| bn_augment-lr1e-3-") == 2 and "| 0.7321 | 0.7421 | 3 | 12.5 |" in out
 
 
@@ -297,7 +302,8 @@ def test_ranked_goes_the_better_way_with_missing_values_last(metric):
     better_first = ["t2", "t4", "t0"] if metric in LOWER_IS_BETTER else ["t0", "t4", "t2"]
     assert got == better_first + ["t1", "t3"]
     assert [r["trial_id"] for r in ranked(rows, metric, top=2)] == better_first[:2]
-    assert set(LOWER_IS_BETTER) == {"ece", "deletion_auc", "sanity_rho", "wall_s"}
+    assert set(LOWER_IS_BETTER) == {"ece", "deletion_auc", "deletion_auc_random", "sanity_rho", "sanity_abs_rho",
+                                    "wall_s"}
 
 
 # ---------------------------------------------------------------------------- how numbers are written
@@ -311,7 +317,7 @@ def test_tables_name_their_metric_and_print_counts_whole(sweep, tmp_path, capsys
     assert rc == 0 and out.startswith("wall_s: mean ± std over seeds") and "| 12.5 ± 0.0 |" in out
     sweep_copy, _ = make_sweep(tmp_path)
     md = (sweep_copy / "tables" / "accuracy.md").read_text()
-    assert "| completed |  | 3 | 0.6000 | 2 | 0.6100 |" in md and "| 12.5 |" in md and "12.5000" not in md
+    assert "| completed |  |  | 3 | 0.6000 | 2 | 0.6100 |" in md and "| 12.5 |" in md and "12.5000" not in md
 
 
 def test_float32_values_are_written_by_their_shortest_decimal(tmp_path, capsys):
@@ -343,6 +349,138 @@ def test_float32_values_are_written_by_their_shortest_decimal(tmp_path, capsys):
     assert rows["plain-lr1e-3-s1"]["best_valid_acc"] == repr(0.6325 - 0.01)  # float64: as it is
     saved = json.loads(texts[1])["rows"]
     assert next(r for r in saved if r["trial_id"] == "plain-lr1e-3-s0")["best_valid_acc"] == 0.3
+
+
+# ---------------------------------------------------------------------------- degenerate trials, new columns
+
+DEGENERATE = "plain-lr1e-3-s0"
+REASON = "one predicted class: cat for 100% of the test images"
+FAITHFUL = {"deletion_auc_se": 0.011, "deletion_auc_random_se": 0.012, "insertion_auc": 0.7, "insertion_auc_se": 0.02,
+            "insertion_auc_random": 0.56, "insertion_auc_random_se": 0.03, "faithfulness_n_images": 10,
+            "sanity_rho": -0.05, "sanity_rho_std": 0.04, "sanity_abs_rho": 0.07, "sanity_abs_rho_std": 0.03,
+            "sanity_n_draws": 3, "sanity_n_images": 10, "sanity_n_degenerate": 0}
+
+
+def _edit_metrics(trial: Path, **top) -> None:
+    path = trial / "interpret" / "metrics.json"
+    m = json.loads(path.read_text())
+    summary = top.pop("summary", {})
+    m.update(top)
+    m["summary"].update(summary)
+    path.write_text(json.dumps(m))
+
+
+def degenerate_sweep(root: Path) -> Path:
+    """make_sweep's folder with post-processing's newer metrics.json in two trials: one degenerate (its
+    clustering skipped, so no ARI), one checked and fine, each with the faithfulness and sanity details.
+    The others keep the older metrics.json, without any of it."""
+    sweep, _ = make_sweep(root)
+    _edit_metrics(sweep / "trials" / DEGENERATE, degenerate={"detected": True, "reasons": [REASON], "checks": {}},
+                  skipped={"gmm": "one predicted class: clusters would score a constant"},
+                  summary={**FAITHFUL, "ari": None, "nmi": None, "purity": None, "test_acc": 0.61})
+    _edit_metrics(sweep / "trials" / "plain-lr1e-3-s1", degenerate={"detected": False, "reasons": [], "checks": {}},
+                  skipped={}, summary=FAITHFUL)
+    write_tables(sweep)
+    return sweep
+
+
+def test_degenerate_trials_are_marked_in_every_table(tmp_path, capsys):
+    sweep = degenerate_sweep(tmp_path)
+    tables = sweep / "tables"
+    rows = {r["trial_id"]: r for r in csv.DictReader(io.StringIO((tables / "accuracy.csv").read_text()))}
+    flag = lambda t: rows[t]["degenerate"]  # noqa: E731
+    assert (flag(DEGENERATE), flag("plain-lr1e-3-s1"), flag("plain-lralt-s0")) == ("true", "false", "")  # older: blank
+    assert rows[DEGENERATE]["note"] == f"degenerate: {REASON}" and rows[DEGENERATE]["ari"] == ""
+    saved = {r["trial_id"]: r for r in json.loads((tables / "accuracy.json").read_text())["rows"]}
+    flag = lambda t: saved[t]["degenerate"]  # noqa: E731
+    assert (flag(DEGENERATE), flag("plain-lr1e-3-s1"), flag(NOT_INTERPRETED)) == (True, False, None)
+
+    footnote = f"† includes a degenerate trial: {DEGENERATE} ({REASON})"
+    md = (tables / "accuracy.md").read_text()
+    mean, std = np.mean(ACC[("plain", "const_1e-3")]), np.std(ACC[("plain", "const_1e-3")], ddof=1)
+    assert f"| plain | {mean:.4f} ± {std:.4f} † |" in md and footnote in md
+    assert md.count("†") == 2 * md.count(footnote) == 16  # a cell and its note: test_acc and 7 interpretation pivots
+    assert "### ari\n" in md and f"| plain | {ARI(0.6325):.4f} (1/2) |" in md  # the degenerate trial: no ARI, no mark
+    assert f"| {DEGENERATE} | plain | const_1e-3 | 0 | completed | yes | degenerate: {REASON} |" in md
+    assert "| plain-lr1e-3-s1 | plain | const_1e-3 | 1 | completed | no |  |" in md
+
+    rc, out, err = run(capsys, sweep)
+    assert rc == 0, err
+    assert f"{mean:.4f} ± {std:.4f} †" in out and out.rstrip().endswith(footnote)
+    rc, out, _ = run(capsys, sweep, "--format", "csv")
+    cells = {(r["variant"], r["schedule"]): r["degenerate"] for r in csv.DictReader(io.StringIO(out))}
+    assert cells[("plain", "const_1e-3")] == "1" and set(cells.values()) == {"0", "1"}
+    rc, out, _ = run(capsys, sweep, "--format", "latex")
+    assert f"{mean:.4f} $\\pm$ {std:.4f}$^\\dagger$ &" in out
+    assert "\\multicolumn{3}{l}{\\footnotesize $^\\dagger$ includes a degenerate trial: plain-lr1e-3-s0" in out
+    rc, out, _ = run(capsys, sweep, "--format", "json")
+    p = json.loads(out)["pivot"]
+    assert p["cells"]["plain|const_1e-3"]["degenerate"] == [DEGENERATE] and p["degenerate"] == {DEGENERATE: REASON}
+
+    rc, out, _ = run(capsys, sweep, "--sort", "test_acc")
+    line = next(x for x in out.splitlines() if x.startswith(DEGENERATE))
+    assert line.split()[4:7] == ["completed", "yes", "0.6100"]
+    rc, out, _ = run(capsys, sweep, "--sort", "test_acc", "--format", "csv")
+    flags = {r["trial_id"]: r["degenerate"] for r in csv.DictReader(io.StringIO(out))}
+    assert (flags[DEGENERATE], flags["plain-lr1e-3-s1"], flags[FAILED.trial_id]) == ("true", "false", "")
+
+    # The same marks from tables/accuracy.json alone (a folder without trials/).
+    copy = tmp_path / "copy" / "seed"
+    shutil.copytree(tables, copy / "tables")
+    for argv in ([], ["--format", "json", "--metric", "sanity_abs_rho"]):
+        assert run(capsys, copy, *argv)[1] == run(capsys, sweep, *argv)[1]
+
+
+def test_faithfulness_and_sanity_details_sit_beside_their_scores(tmp_path, capsys):
+    sweep = degenerate_sweep(tmp_path)
+    rows = list(csv.DictReader(io.StringIO((sweep / "tables" / "accuracy.csv").read_text())))
+    row = next(r for r in rows if r["trial_id"] == "plain-lr1e-3-s1")
+    assert {k: float(row[k]) for k in FAITHFUL} == FAITHFUL
+    assert list(row)[list(row).index("insertion_auc"):list(row).index("insertion_auc") + 4] == \
+        ["insertion_auc", "insertion_auc_se", "insertion_auc_random", "insertion_auc_random_se"]
+    details = [k for k in FAITHFUL if k.endswith(("_se", "_std")) or "_n_" in k]
+    assert all(r[k] == "" for r in rows if r["trial_id"] not in (DEGENERATE, "plain-lr1e-3-s1") for k in details)
+    md = (sweep / "tables" / "accuracy.md").read_text()
+    # Counts as whole numbers, scores to four decimals, in the trials table.
+    assert "| 0.7000 | 0.0200 | 0.5600 | 0.0300 | 10 | -0.0500 | 0.0400 | 0.0700 | 0.0300 | 3 | 10 | 0 |" in md
+    rc, out, err = run(capsys, sweep, "--sort", "sanity_rho", "--format", "json")  # nearer 0 first
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["order"] == "by size" and [r["sanity_rho"] for r in data["rows"][:2]] == [-0.05, -0.05]
+    rc, out, _ = run(capsys, sweep, "--sort", "insertion_auc_random", "--top", "1")
+    assert "higher is better" in out and "0.5600" in out
+
+
+@pytest.mark.parametrize("metric, values, best", [
+    ("test_acc", [0.5, 0.7, 0.6], ["b|s"]),
+    ("ece", [0.05, 0.02, 0.02], ["b|s", "c|s"]),  # a tie: both
+    ("sanity_rho", [-0.3, 0.2, -0.1], ["c|s"]),  # nearest 0
+])
+def test_best_cells_go_the_better_way_and_pass_over_degenerate_trials(metric, values, best):
+    from vgg_xai.results import best_cells
+
+    rows = [{"trial_id": f"{v}-s0", "variant": v, "lr_schedule": "s", "status": "completed", metric: x}
+            for v, x in zip("abc", values)]
+    assert best_cells(pivot(rows, metric)) == best
+    for r in rows:
+        r["degenerate"] = r["variant"] in {b.split("|")[0] for b in best}
+    assert set(best_cells(pivot(rows, metric))).isdisjoint(best)  # the best cell without a degenerate trial
+    for r in rows:
+        r["degenerate"] = True
+    assert best_cells(pivot(rows, metric)) == best  # all degenerate: still the best of them
+
+
+def test_a_malformed_or_partial_metrics_file_reads_as_blank(tmp_path, capsys):
+    sweep, _ = make_sweep(tmp_path)
+    _edit_metrics(sweep / "trials" / DEGENERATE, degenerate="yes", skipped=["gmm"],
+                  summary={"insertion_auc": "n/a", "sanity_n_draws": None})
+    _edit_metrics(sweep / "trials" / "plain-lr1e-3-s1", degenerate={"reasons": "not a list"})
+    write_tables(sweep)
+    rows = {r["trial_id"]: r for r in json_rows(collect_rows(sweep))}
+    assert rows[DEGENERATE]["degenerate"] is None and rows["plain-lr1e-3-s1"]["degenerate"] is None
+    assert rows[DEGENERATE]["insertion_auc"] is None and rows[DEGENERATE]["note"] == ""
+    rc, out, err = run(capsys, sweep, "--sort", "insertion_auc")
+    assert rc == 0 and "†" not in out, err
 
 
 def test_unknown_format_is_refused_by_argparse(sweep, capsys):

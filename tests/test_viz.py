@@ -124,12 +124,20 @@ BUILDERS = {
     "bic": lambda: viz.bic(rng().normal(size=(2, 4)), [2, 3, 4, 5], ["full", "diag"]),
     "contingency": lambda: viz.contingency(rng().integers(0, 9, (4, 10)), CLASSES),
     "confusion": lambda: viz.confusion(rng().integers(0, 9, (10, 10)), rng().random(10), CLASSES),
+    "confusion_reliability": lambda: viz.confusion(rng().integers(0, 9, (10, 10)), rng().random(10), CLASSES, 0.1,
+                                                   viz.reliability_bins(rng().normal(size=(50, 10)),
+                                                                        np.arange(50) % 10)),
     "accuracy_bars": lambda: viz.accuracy_bars(pivot()),
     "valid_curves": lambda: viz.valid_curves({"a": history(), "b": history()}, {"a": "plain", "b": "bn"}),
     "cam_grid": lambda: viz.cam_grid(images(2), rng().random((2, 2, 8, 8)), ["t0", "t1"], CLASSES,
                                      np.array([0, 1])),
     "tsne_grid": lambda: viz.tsne_grid([rng().normal(size=(30, 2))] * 2, [np.arange(30) % 10] * 2, ["t0", "t1"],
                                        CLASSES),
+    "cam_grid_targets": lambda: viz.cam_grid(images(2), rng().random((2, 2, 8, 8)), ["t0", "t1"], CLASSES,
+                                             np.array([0, 1]), targets=np.array([[0, 2], [1, 1]]), method="gradcam",
+                                             groups=["a", "b"]),
+    "tsne_grid_rows": lambda: viz.tsne_grid([rng().normal(size=(30, 2))] * 3, [np.arange(30) % 10] * 3,
+                                            ["t0", "t1", "t2"], CLASSES, rows=["a", "b", "a"]),
 }
 
 
@@ -229,6 +237,14 @@ def test_curves_leave_out_non_finite_points():
     assert np.isfinite(loss.get_ylim()).all()
 
 
+def test_curves_tick_whole_epochs_only():
+    for fig in (viz.curves(history(epochs=2)), viz.valid_curves({"a": history(epochs=2)}, {"a": "plain"})):
+        for ax in (a for a in fig.axes if a.get_xlabel() == "epoch"):
+            ax.figure.canvas.draw()
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
 def test_bn_histograms_one_panel_per_layer_in_order():
     names = ["bn1", "bn2", "bn3", "bn4", "bn5"]
     fig = viz.bn_histograms({n: {"before": hist(3), "after": hist(1)} for n in names})
@@ -253,18 +269,24 @@ def test_filters_rgb_mosaics_clipped_to_unit_range():
     np.testing.assert_allclose(mosaic[4:7, 4:7], np.clip(trained[4], 0, 1))
 
 
-def test_filter_grid_cells_and_symmetric_scale_per_side():
+def test_filter_grid_shares_one_scale_and_shows_the_difference():
     init, trained = rng().normal(size=(4, 5, 3, 3)), rng().normal(size=(4, 5, 3, 3)) * 3
     fig = viz.filter_grid(init, trained, "conv8")
     axes = [ax for ax in image_axes(fig) if ax.get_title()]
-    assert [ax.get_title() for ax in axes] == ["conv8 untrained", "conv8 trained"]
-    for ax, w in zip(axes, (init, trained)):
+    assert [ax.get_title() for ax in axes] == ["conv8 untrained", "conv8 trained", "conv8 trained - untrained"]
+    shared = max(np.abs(init).max(), np.abs(trained).max())
+    diff = trained - init
+    for ax, w, m in zip(axes, (init, trained, diff), (shared, shared, np.abs(diff).max())):
         im = ax.images[0]
         assert im.get_array().shape == (4 * 4 - 1, 5 * 4 - 1)  # rows = outputs, columns = inputs
-        m = np.abs(w).max()
-        assert im.get_clim() == pytest.approx((-m, m))
+        assert im.get_clim() == pytest.approx((-m, m))  # untrained and trained: the same colours mean the same
         np.testing.assert_allclose(im.get_array()[4:7, 8:11], w[1, 2])  # output 1, input 2
         assert (ax.get_xlabel(), ax.get_ylabel()) == ("input channel", "output filter")
+
+
+def test_filter_grid_of_zero_weights_keeps_a_scale():
+    fig = viz.filter_grid(np.zeros((2, 2, 3, 3)), np.zeros((2, 2, 3, 3)), "c1")
+    assert all(ax.images[0].get_clim() == (-1.0, 1.0) for ax in image_axes(fig) if ax.get_title())
 
 
 def test_feature_maps_caps_rows_and_channels_and_normalizes_each_map():
@@ -436,6 +458,45 @@ def test_confusion_counts_bars_and_ece():
     assert "ECE" not in viz.confusion(conf, acc, CLASSES).get_suptitle()
 
 
+def logits_and_labels(n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    r = rng()
+    labels = r.integers(0, 10, n)
+    logits = r.normal(0, 1, (n, 10)) * r.uniform(0.2, 4, (n, 1))
+    logits[np.arange(n), labels] += r.normal(1, 1, n)  # right more often than not, and over-confident
+    return logits, labels
+
+
+def test_reliability_bins_give_the_ece_of_interpret_metrics():
+    from vgg_xai.interpret.metrics import ece
+
+    logits, labels = logits_and_labels()
+    r = viz.reliability_bins(logits, labels)
+    count, conf, acc = r["count"], r["confidence"], r["accuracy"]
+    assert len(r["edges"]) == 16 and count.sum() == len(labels)
+    ok = count > 0
+    assert np.isnan(conf[~ok]).all() and np.isnan(acc[~ok]).all() and (r["edges"][:-1][ok] < conf[ok]).all()
+    assert (conf[ok] <= r["edges"][1:][ok]).all()  # each bin's mean confidence lies in it
+    from_bins = float((count[ok] * np.abs(acc[ok] - conf[ok])).sum() / count.sum())
+    assert from_bins == pytest.approx(ece(logits, labels), abs=1e-12) and from_bins > 0.01
+
+
+def test_confusion_with_reliability_diagram_beside_the_ece():
+    logits, labels = logits_and_labels()
+    r = viz.reliability_bins(logits, labels)
+    conf = rng().integers(0, 30, (10, 10))
+    fig = viz.confusion(conf, rng().random(10), CLASSES, ece=0.0812, reliability=r)
+    matrix, bars, rel = (ax for ax in fig.axes if ax.get_title())
+    assert rel.get_title() == "reliability (ECE 0.081)" and "ECE 0.081" in fig.get_suptitle()
+    assert legend_texts(rel.get_legend()) == ["perfectly calibrated", "share of images", "accuracy",
+                                              "gap to mean confidence"]
+    ok = r["count"] > 0
+    accuracy, gap = rel.containers[:2]
+    np.testing.assert_allclose([b.get_height() for b in accuracy], r["accuracy"][ok])
+    np.testing.assert_allclose([b.get_x() for b in accuracy], r["edges"][:-1][ok])
+    np.testing.assert_allclose([b.get_y() + b.get_height() for b in gap], r["confidence"][ok])  # up to the confidence
+    assert (rel.get_xlim(), rel.get_ylim()) == ((0, 1), (0, 1))
+
+
 # ---------------------------------------------------------------- per sweep
 
 
@@ -447,6 +508,18 @@ def test_accuracy_bars_grouped_with_missing_cell_left_out():
     assert ax.get_ylabel() == "test_acc"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["plain", "bn", "l2"]
     assert "0.800\n2/3" in [t.get_text() for t in ax.texts]  # a seed missing
+    assert not [line for line in ax.lines if line.get_linestyle() == "--"]  # no chance line unless asked for
+
+
+def test_accuracy_bars_chance_line_and_degenerate_mark():
+    p = pivot()
+    p["cells"]["l2|lr1e-3"]["degenerate"] = ["l2-lr1e-3-s0"]
+    ax = viz.accuracy_bars(p, chance=0.1).axes[0]
+    (chance,) = [line for line in ax.lines if line.get_label().startswith("chance")]
+    assert list(chance.get_ydata()) == [0.1, 0.1] and chance.get_linestyle() == "--"
+    assert "chance (0.1)" in legend_texts(ax.get_legend())
+    texts_ = [t.get_text() for t in ax.texts]
+    assert "0.720†" in texts_ and "0.700" in texts_ and "† includes a degenerate trial" in texts_
 
 
 def test_valid_curves_one_colour_per_variant_and_nan_skipped():
@@ -480,6 +553,24 @@ def test_cam_grid_has_an_image_column_per_trial_plus_one():
             np.testing.assert_allclose(grid[i][1 + j], as_tile(overlay(imgs[i], maps[j, i]), tile), atol=1)
 
 
+def test_cam_grid_names_the_method_and_the_targets_that_are_not_the_true_class():
+    ids = ["plain-a", "plain-b", "bn-a"]
+    labels = np.array([2, 9])
+    targets = np.array([[2, 9], [3, 9], [2, 0]])  # plain-b calls the bird a cat, bn-a the truck an airplane
+    fig = viz.cam_grid(images(2), rng().random((3, 2, 8, 8)), ids, CLASSES, labels, targets=targets,
+                       method="gradcam", groups=["plain", "plain", "bn"])
+    assert fig.get_suptitle().startswith("gradcam maps across trials\ntarget: the model's prediction")
+    ax = mosaic_axes(fig)
+    xs, ys = ax.get_xticks(), ax.get_yticks()
+    written = {(t.get_text(), t.get_position()[0], t.get_position()[1] > ys[0]) for t in ax.texts}
+    assert {(w, x) for w, x, _ in written} == {("cat", xs[2]), ("airplane", xs[3])}  # under their columns
+    assert all(t.get_color() == "tab:red" for t in ax.texts)
+    gaps = np.diff(xs)
+    assert gaps[2] > gaps[1]  # a wider gap between the plain and the bn columns
+    assert viz.cam_grid(images(2), rng().random((3, 2, 8, 8)), ids, CLASSES, labels).get_suptitle() == \
+        "class activation maps across trials"
+
+
 def test_cam_grid_stays_a_sane_size_for_many_trials():
     t = 40
     fig = viz.cam_grid(images(1), rng().random((t, 1, 8, 8)), [f"t{i}" for i in range(t)], CLASSES, np.array([0]))
@@ -496,3 +587,14 @@ def test_tsne_grid_one_panel_per_trial_and_shared_legend():
     fig = viz.tsne_grid(embs, [np.arange(40) % 10] * 7, ids, CLASSES)
     assert [ax.get_title() for ax in fig.axes] == ids  # 2 rows of 5, spare cells removed
     assert len(fig.legends) == 1 and legend_texts(fig.legends[0]) == CLASSES
+
+
+def test_tsne_grid_one_row_per_variant():
+    ids = ["plain-a", "plain-b", "plain-c", "bn-a", "l2-a", "l2-b"]
+    fig = viz.tsne_grid([rng().normal(size=(30, 2)) for _ in ids], [np.arange(30) % 10] * 6, ids, CLASSES,
+                        rows=[t.split("-")[0] for t in ids])
+    assert [ax.get_title() for ax in fig.axes] == ids  # 3 rows of up to 3; the spare cells removed
+    rows = {ax.get_title(): round(ax.get_position().y0, 3) for ax in fig.axes}
+    cols = {ax.get_title(): round(ax.get_position().x0, 3) for ax in fig.axes}
+    assert rows["plain-a"] == rows["plain-c"] > rows["bn-a"] > rows["l2-a"] == rows["l2-b"]
+    assert cols["plain-a"] == cols["bn-a"] == cols["l2-a"] < cols["plain-b"] == cols["l2-b"]

@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CAM methods to draw, comma-separated, the first one also scored for faithfulness "
                            "and the randomization check (default: %(default)s; plain CAM is added for head=linear)")
     post.add_argument("--tsne-method", choices=("auto", "fft", "bh"), default="auto",
-                      help="openTSNE's gradient method: auto (FFT from 10,000 points, Barnes-Hut below; default), "
-                           "fft or bh (faster where numpy's FFT stands in for FFTW, as in pip installs)")
+                      help="openTSNE's gradient method: auto (the faster one where it runs: FFT from 10,000 points "
+                           "where openTSNE was built with FFTW, Barnes-Hut otherwise; default), fft or bh")
     post.add_argument("--probes-per-class", type=int, default=1,
                       help="probe images per class for feature maps and CAMs (default: %(default)s)")
 
@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "the ranked trials as table, md, csv or json")
     res.add_argument("--metric", default=None,
                      help="the column to pivot: test_acc (default), best_valid_acc, best_epoch, epochs, wall_s, "
-                          "or an interpretation metric: ari, nmi, purity, ece, deletion_auc, insertion_auc, "
-                          "sanity_rho")
+                          "or an interpretation metric: ari, nmi, purity, ece, deletion_auc, deletion_auc_random, "
+                          "insertion_auc, insertion_auc_random, sanity_rho, sanity_abs_rho")
     res.add_argument("--sort", metavar="METRIC", default=None,
                      help="print the trials instead of the pivot, best first by METRIC (any --metric name; "
                           "higher first but for ece, deletion_auc, sanity_rho and wall_s), no value last")

@@ -36,7 +36,7 @@ def _describe_holder(h: dict[str, Any]) -> str:
     return f"PID {h.get('pid', '?')} on {h.get('host', '?')}, since {since}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,7 +69,7 @@ def driving(sweep_dir: Path) -> Iterator[None]:
             if e.errno != errno.ENOLCK:
                 raise
             h = _holder(path)
-            stale = not h or (h.get("host") == me["host"] and not _pid_alive(int(h.get("pid", 0))))
+            stale = not h or (h.get("host") == me["host"] and not pid_alive(int(h.get("pid", 0))))
             if not stale and h.get("pid") != me["pid"]:
                 raise UserError(f"{sweep_dir}: another driver is running this sweep ({_describe_holder(h)}); wait for "
                                 f"it, or delete {path} if that driver is gone") from None
@@ -99,7 +99,7 @@ def driver_of(sweep_dir: Path) -> dict[str, Any] | None:
             if e.errno != errno.ENOLCK:
                 raise
             h = _holder(path)
-            alive = h and (h.get("host") != socket.gethostname() or _pid_alive(int(h.get("pid", 0))))
+            alive = h and (h.get("host") != socket.gethostname() or pid_alive(int(h.get("pid", 0))))
             return h if alive else None
         return None
     finally:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .locks import driver_of
+from .locks import driver_of, pid_alive
 
 FINISHED = ("completed", "diverged")
 COLUMNS = ("trial", "status", "epoch", "train_acc", "valid_acc", "img/s", "eta", "where")
@@ -168,16 +168,6 @@ class LiveTable:
 
 # ---------------------------------------------------------------------------- status from the folders
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _last_attempt(trial_dir: Path) -> dict[str, Any] | None:
     path = trial_dir / "attempts.jsonl"
     if not path.is_file():
@@ -234,7 +224,7 @@ def trial_row(trial_dir: Path, *, driver_alive: bool, jobs_active: bool) -> dict
         return r
     here = attempt.get("host") == socket.gethostname()
     if here and not attempt.get("slurm_job_id"):
-        alive = _pid_alive(int(attempt.get("pid", 0)))
+        alive = pid_alive(int(attempt.get("pid", 0)))
     else:  # elsewhere: running while its driver or its SLURM job is
         alive = driver_alive or jobs_active
     if alive:

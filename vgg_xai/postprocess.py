@@ -7,6 +7,22 @@ figures are drawn from) and, last, ``metrics.json``, which marks the folder comp
 skipped while its metrics.json is newer than its checkpoint and features and was made with the
 same settings. A lock file per trial makes two post-processing runs at once safe: the second
 waits, then finds the trial up to date. Every file is written atomically.
+
+A degenerate trial (collapsed features, one predicted class, maps that are all zero) is a result,
+not an error: `compute` detects it where the numbers are made (interpret.degenerate), records what
+it found in metrics.json ``degenerate`` and skips the analyses it makes meaningless, each with a
+one-line reason in ``skipped``; their summary values are null and their figures are not drawn.
+
+metrics.json (this module writes it; JSON null wherever a value was not computed, never NaN):
+    summary      the scalars the tables read: test_acc, ece, ari, nmi, purity; deletion_auc,
+                 insertion_auc and their random-map baselines (deletion_auc_random, ...), each
+                 with its standard error (``*_se``) and faithfulness_n_images; sanity_rho and
+                 sanity_abs_rho (final step of the randomization check) with ``*_std``,
+                 sanity_n_draws, sanity_n_images, sanity_n_degenerate
+    degenerate   {"detected": bool, "reasons": [one line each], "checks": {name: number or bool}}
+    skipped      {analysis: one-line reason}; analyses: cam, faithfulness, sanity, tsne, gmm
+    faithfulness, sanity, tsne, gmm   the details of each analysis (None where it was skipped)
+    settings, cam, per_class_accuracy, probes, classes, device, seconds, cpu_seconds
 """
 
 from __future__ import annotations
@@ -46,8 +62,11 @@ class Settings:
     bic_types: tuple[str, ...] = ("full", "diag", "spherical", "tied")
     bic_points: int = 5000  # the BIC scan fits on a seeded sample of at most this many vectors
     faithfulness_steps: int = 16
+    faithfulness_per_class: int = 26  # deletion/insertion over 26 test images per class (260), the same for every trial
+    sanity_per_class: int = 5  # the randomization check over 5 test images per class (50)
+    sanity_draws: int = 3  # independent draws of the random weights
     perplexity: float = 30.0
-    tsne_method: str = "auto"  # openTSNE's: FFT from 10,000 points, Barnes-Hut below
+    tsne_method: str = "auto"  # the faster one here: Barnes-Hut unless openTSNE has FFTW (embedding.tsne_method)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,12 +141,17 @@ def interpret_trial(trial_dir: str | Path, settings: Settings = Settings(), thre
             import torch
 
             torch.set_num_threads(threads)
-        arrays, metrics = compute(trial_dir, settings, threads)
         out = trial_dir / "interpret"
-        draw_trial(out, arrays, metrics, _history(trial_dir))
+        # An older result is not this one: should this run die half-way, the trial has none.
+        (out / "metrics.json").unlink(missing_ok=True)
+        arrays, metrics = compute(trial_dir, settings, threads)
+        drawn = draw_trial(out, arrays, metrics, _history(trial_dir))
+        for old in set(out.glob("*.png")) - set(drawn):  # a figure of an analysis skipped this time
+            old.unlink()
         write_arrays(out / "arrays.h5", arrays)
         metrics["seconds"]["total"] = time.perf_counter() - t0
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))  # last: marks it complete
+        # Last: marks it complete. compute leaves no NaN in it: a value not computed is None.
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
         (out / "error.txt").unlink(missing_ok=True)
         return {"trial_id": trial_dir.name, "skipped": False, "seconds": metrics["seconds"]["total"]}
 
@@ -141,25 +165,40 @@ def _history(trial_dir: Path) -> dict[str, np.ndarray]:
 
 
 def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Everything the suite measures for one trial: (arrays for arrays.h5, metrics for metrics.json)."""
+    """Everything the suite measures for one trial: (arrays for arrays.h5, metrics for metrics.json).
+
+    Degenerate results are checked where they are made (`interpret.degenerate`): what was found
+    goes to ``metrics["degenerate"]`` (``detected``, one line per finding in ``reasons``, the
+    measured ``checks``); an analysis they make meaningless is not run: its one-line reason goes
+    to ``metrics["skipped"]``, its arrays are left out, its summary values and its section of
+    metrics.json are None.
+    """
     import torch
     from threadpoolctl import threadpool_limits
 
     from . import checkpoint, features
     from .config import TrialConfig
     from .data import DeviceSplit, load_cache
-    from .interpret import activations, cam, clusters, embedding, faithfulness, filters, metrics, probes, sanity
+    from .interpret import activations, cam, clusters, degenerate, embedding, faithfulness, filters, metrics, probes
+    from .interpret import sanity
+    from .interpret.embedding import available_cpus
     from .model import build_model
     from .train import resolve_device
 
     secs: dict[str, float] = {}
-    tick = time.perf_counter()
+    cpu_secs: dict[str, float] = {}  # CPU time of this process (all its threads): what a busy machine does not inflate
+    tick, cpu_tick = time.perf_counter(), time.process_time()
 
     def lap(name: str) -> None:
-        nonlocal tick
-        now = time.perf_counter()
-        secs[name] = now - tick
-        tick = now
+        nonlocal tick, cpu_tick
+        now, cpu_now = time.perf_counter(), time.process_time()
+        secs[name], cpu_secs[name] = now - tick, cpu_now - cpu_tick
+        tick, cpu_tick = now, cpu_now
+
+    skipped: dict[str, str] = {}
+
+    def skip(analysis: str, reason: str) -> None:
+        skipped.setdefault(analysis, reason)
 
     cfg = TrialConfig.from_dict(json.loads((trial_dir / "config.json").read_text()))
     device = resolve_device(cfg.device)
@@ -171,16 +210,33 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
     def load(name: str) -> torch.nn.Module:
         net = build_model(cfg)
         net.load_state_dict(checkpoint.load(trial_dir / name)["model"])
-        return net.to(device).eval()
+        # channels_last: the convolutions' fast layout, on the CPU (oneDNN) as on a GPU; forwards
+        # of a bn model (width 0.125) ran 1.6x faster with it on one core (measured).
+        return net.to(device, memory_format=torch.channels_last).eval()
 
-    def normalized(idx: np.ndarray | slice) -> torch.Tensor:
+    def test_images(idx: np.ndarray | slice) -> torch.Tensor:
+        if isinstance(idx, np.ndarray):
+            idx = torch.from_numpy(idx)
         return test.normalize(test.images[idx].float().div_(255))
 
+    def predict(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([trained(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)]).cpu().numpy()
+
+    def balanced(per_class: int) -> np.ndarray:
+        """The same class-balanced test images for every trial (at most as many as the smallest class has)."""
+        return probes.probe_indices(test_y, seed=s.probe_seed, per_class=min(per_class, int(np.bincount(test_y).min())))
+
     trained, init = load("checkpoint.pt"), load("checkpoint_init.pt")
+    dump = features.read(trial_dir / "features.h5")
+    checks, reasons = degenerate.feature_checks(dump.features, dump.logits, dump.predictions, classes)
+    if degenerate.insensitive(checks):
+        why = "the model's output is the same for every test image"
+        skip("faithfulness", f"{why}: deleting or inserting pixels cannot change it")
+        skip("sanity", f"{why}: its maps carry no information about the image to randomize")
     idx = probes.probe_indices(test_y, seed=s.probe_seed, per_class=s.probes_per_class)
-    x = normalized(torch.from_numpy(idx))
-    with torch.no_grad():
-        preds = trained(x).argmax(1).cpu().numpy()
+    x = test_images(idx)
+    preds = predict(x)
     a: dict[str, Any] = {"probes": {"indices": idx, "images": test_x[idx].transpose(0, 2, 3, 1),
                                     "labels": test_y[idx], "predictions": preds}, "classes": classes}
     lap("load")
@@ -199,7 +255,7 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
     a["through"] = {"layers": list(through), **{n: m[:c] for n, m in through.items()}}
     lap("filters")
 
-    hist = activations.bn_histograms(trained, normalized(slice(0, s.bn_batch)))
+    hist = activations.bn_histograms(trained, test_images(slice(0, s.bn_batch)))
     if hist:
         a["bn"] = {"layers": list(hist), **hist}
     lap("bn_histograms")
@@ -207,40 +263,119 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
     methods = list(s.cam_methods) + (["cam"] if len(trained.head) == 0 else [])
     a["cam"] = {"methods": methods, "layer": cam.default_layer(trained),
                 **{m: cam.cam(trained, x, m, targets=preds) for m in methods}}
+    flat = {}
+    for m in methods:
+        checks.update(degenerate.map_checks(a["cam"][m], f"cam_{m}"))
+        if degenerate.degenerate_maps(checks, f"cam_{m}"):
+            flat[m] = degenerate.maps_finding(checks, f"cam_{m}")
+    if flat:
+        found = ", ".join(f"{m} {v}" for m, v in flat.items())
+        reasons.append(f"class activation maps of the probe images: {found}")
+        if len(flat) == len(methods):
+            skip("cam", f"every method's maps of the probe images are degenerate ({found})")
     lap("cam")
 
-    main = a["cam"][s.cam_method]
-    rnd = np.random.default_rng(s.seed).random(main.shape)
-    f: dict[str, Any] = {}
-    for mode in ("deletion", "insertion"):
-        share, probs = faithfulness.perturbation_curves(trained, x, main, preds, mode, s.faithfulness_steps,
-                                                        seed=s.seed)
-        _, probs_rnd = faithfulness.perturbation_curves(trained, x, rnd, preds, mode, s.faithfulness_steps,
-                                                        seed=s.seed)
-        f.update({"x": share, mode: probs, f"{mode}_random": probs_rnd})
-    a["faithfulness"] = f
+    summary: dict[str, Any] = dict.fromkeys(FAITHFULNESS_KEYS + SANITY_KEYS)
+    f_meta = None
+    if "faithfulness" not in skipped:
+        fidx = balanced(s.faithfulness_per_class)
+        fx = test_images(fidx)
+        ft = predict(fx)
+        fmaps = cam.cam(trained, fx, s.cam_method, targets=ft)
+        checks.update(degenerate.map_checks(fmaps, "faithfulness"))
+        if degenerate.degenerate_maps(checks, "faithfulness"):
+            skip("faithfulness", f"{s.cam_method} maps of the {len(fidx)} faithfulness images: "
+                                 f"{degenerate.maps_finding(checks, 'faithfulness')}; no pixel order to test")
+        else:
+            # The random baseline map is drawn once (fixed seed, the same for every trial); it also
+            # orders the pixels a map ties on (faithfulness.pixel_order).
+            rnd = np.random.default_rng(s.seed).random(fmaps.shape)
+            f: dict[str, Any] = {"indices": fidx, "targets": ft}
+            for mode in ("deletion", "insertion"):
+                share, probs = faithfulness.perturbation_curves(trained, fx, fmaps, ft, mode, s.faithfulness_steps,
+                                                                tiebreak=rnd)
+                _, probs_rnd = faithfulness.perturbation_curves(trained, fx, rnd, ft, mode, s.faithfulness_steps)
+                f.update({"x": share, mode: probs, f"{mode}_random": probs_rnd})
+                for key, p in ((f"{mode}_auc", probs), (f"{mode}_auc_random", probs_rnd)):
+                    auc = faithfulness.curve_auc(p)
+                    summary[key], summary[f"{key}_se"] = float(auc.mean()), float(auc.std(ddof=1) / np.sqrt(len(auc)))
+            summary["faithfulness_n_images"] = len(fidx)
+            a["faithfulness"] = f
+            f_meta = {"method": s.cam_method, "n_images": len(fidx), "steps": s.faithfulness_steps,
+                      "flat_maps": checks["faithfulness_flat_maps"], "baseline": "zero",
+                      "ties": "by the random baseline map, then row-major"}
     lap("faithfulness")
 
-    sc = sanity.cascading_randomization(trained, x, s.cam_method, seed=s.seed, targets=preds)
-    a["sanity"] = {"layers": sc["layers"], "spearman": sc["spearman"], "maps": sc["maps"][:, 0]}
+    sc_meta = None
+    if "sanity" not in skipped:
+        sidx = balanced(s.sanity_per_class)
+        sx = test_images(sidx)
+        st = predict(sx)
+        checks.update(degenerate.map_checks(cam.cam(trained, sx, s.cam_method, targets=st), "sanity"))
+        if degenerate.degenerate_maps(checks, "sanity"):
+            skip("sanity", f"trained {s.cam_method} maps of the {len(sidx)} sanity-check images: "
+                           f"{degenerate.maps_finding(checks, 'sanity')}; nothing to correlate")
+        else:
+            sc = sanity.randomization_check(trained, sx, s.cam_method, draws=s.sanity_draws, seed=s.seed, targets=st)
+            a["sanity"] = {"layers": sc["layers"], "spearman": sc["spearman"], "spearman_std": sc["spearman_std"],
+                           "spearman_per_draw": sc["spearman_per_draw"], "maps": sc["maps"][:, 0],
+                           "image": test_x[sidx[0]].transpose(1, 2, 0), "indices": sidx}
+            summary.update(sanity_rho=sc["spearman"][-1], sanity_rho_std=sc["spearman_std"][-1],
+                           sanity_abs_rho=sc["abs_spearman"][-1], sanity_abs_rho_std=sc["abs_spearman_std"][-1],
+                           sanity_n_draws=sc["n_draws"], sanity_n_images=sc["n_images"],
+                           sanity_n_degenerate=int(sc["n_degenerate"][-1]))
+            sc_meta = {k: sc[k] for k in ("layers", "spearman", "spearman_std", "abs_spearman", "abs_spearman_std",
+                                          "spearman_per_draw", "n_pairs", "n_degenerate", "n_draws", "n_images",
+                                          "flat_trained")}
+            sc_meta["method"] = s.cam_method
     lap("sanity")
 
-    dump = features.read(trial_dir / "features.h5")
     # One PCA serves both: t-SNE starts from the first 50 components, the GMM from the first pca_dim.
-    z = embedding.pca(dump.features, max(50, s.pca_dim), s.seed)
-    emb = embedding.tsne(z[:, :50], seed=s.seed, perplexity=s.perplexity, n_jobs=threads, method=s.tsne_method)
+    z = None
+    if degenerate.collapsed(checks):
+        why = reasons[0]  # the feature finding comes first
+        skip("tsne", f"{why}: no neighbourhoods to embed")
+        skip("gmm", f"{why}: nothing to cluster")
+    else:
+        z = embedding.pca(dump.features, max(50, s.pca_dim), s.seed)
+        if not np.isfinite(z).all():
+            reasons.append("the principal components of the feature vectors are not finite")
+            skip("tsne", "the principal components of the feature vectors are not finite")
+            skip("gmm", "the principal components of the feature vectors are not finite")
+    a["embedding"] = {"labels": dump.labels}
+    tsne_meta = None
+    if "tsne" not in skipped:
+        method = embedding.tsne_method(len(z), s.tsne_method)
+        a["embedding"]["tsne"] = embedding.tsne(z[:, :50], seed=s.seed, perplexity=s.perplexity, n_jobs=threads,
+                                                method=method)
+        tsne_meta = {"method": method, "n": len(z), "perplexity": s.perplexity}
     lap("tsne")
-    z = z[:, : s.pca_dim]
-    # One BLAS thread: EM's matrices are at most pca_dim wide, too small for threads to pay, and
-    # with threads every fit was 10-35x slower on a busy 2-core machine (measured).
-    with threadpool_limits(1, user_api="blas"):
-        gmm = clusters.fit_gmm(z, s.gmm_k, "full", s.seed)
-        sample = np.random.default_rng(s.seed).permutation(len(z))[: s.bic_points]
-        scan = clusters.bic_scan(z[sample], s.bic_ks, s.bic_types, s.seed)
-    scores = clusters.cluster_scores(dump.labels, gmm["labels"])
-    a["embedding"] = {"tsne": emb, "labels": dump.labels, "gmm": gmm["labels"],
-                      "contingency": clusters.contingency(dump.labels, gmm["labels"], len(classes))}
-    a["bic"] = {"bic": scan["bic"], "ks": scan["ks"], "covariance_types": scan["covariance_types"]}
+
+    gmm_meta = None
+    scores: dict[str, Any] = {"ari": None, "nmi": None, "purity": None}
+    most = max(s.gmm_k, *s.bic_ks)
+    if "gmm" not in skipped and checks["distinct_features"] < most:
+        skip("gmm", f"only {checks['distinct_features']} distinct feature vectors: too few for mixtures of "
+                    f"up to {most} components")
+    if "gmm" not in skipped:
+        z = z[:, : s.pca_dim]
+        # One BLAS thread: EM's matrices are at most pca_dim wide, too small for threads to pay, and
+        # with threads every fit was 10-35x slower on a busy 2-core machine (measured). The BIC
+        # scan's fits run side by side in threads instead.
+        with threadpool_limits(1, user_api="blas"):
+            gmm = clusters.fit_gmm(z, s.gmm_k, "full", s.seed)
+            sample = np.random.default_rng(s.seed).permutation(len(z))[: s.bic_points]
+            scan = clusters.bic_scan(z[sample], s.bic_ks, s.bic_types, s.seed, n_jobs=threads or available_cpus())
+        scores = clusters.cluster_scores(dump.labels, gmm["labels"])
+        used = len(np.unique(gmm["labels"]))
+        checks["gmm_clusters_used"] = used
+        if used == 1:
+            reasons.append(f"the Gaussian mixture puts all {len(z)} feature vectors in one cluster")
+        a["embedding"].update(gmm=gmm["labels"],
+                              contingency=clusters.contingency(dump.labels, gmm["labels"], len(classes)))
+        a["bic"] = {"bic": scan["bic"], "ks": scan["ks"], "covariance_types": scan["covariance_types"]}
+        gmm_meta = {"k": s.gmm_k, "covariance_type": "full", "pca_dim": int(z.shape[1]), "converged": gmm["converged"],
+                    "n_iter": gmm["n_iter"], "bic": gmm["bic"], "bic_best": list(scan["best"]), "clusters_used": used}
     lap("gmm")
 
     conf = metrics.confusion(dump.labels, dump.predictions, len(classes))
@@ -249,56 +384,97 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
     a["metrics"] = {"confusion": conf, "per_class_accuracy": pca_}
     lap("metrics")
 
-    auc = lambda p: float(faithfulness.curve_auc(p).mean())  # noqa: E731
-    summary = {
-        "test_acc": float((dump.predictions == dump.labels).mean()), "ece": calib, **scores,
-        "deletion_auc": auc(f["deletion"]), "insertion_auc": auc(f["insertion"]),
-        "deletion_auc_random": auc(f["deletion_random"]), "insertion_auc_random": auc(f["insertion_random"]),
-        "sanity_rho": float(sc["spearman"][-1]),
-    }
+    summary = {"test_acc": float((dump.predictions == dump.labels).mean()), "ece": calib, **scores, **summary}
     m = {
         "schema": SCHEMA, "trial_id": trial_dir.name, "settings": s.to_dict(), "summary": summary,
-        "gmm": {"k": s.gmm_k, "covariance_type": "full", "pca_dim": int(z.shape[1]), "converged": gmm["converged"],
-                "n_iter": gmm["n_iter"], "bic": gmm["bic"], "bic_best": list(scan["best"])},
+        "degenerate": {"detected": bool(reasons), "reasons": reasons, "checks": checks}, "skipped": skipped,
+        "gmm": gmm_meta, "tsne": tsne_meta,
         "cam": {"method": s.cam_method, "methods": methods, "layer": a["cam"]["layer"]},
-        "sanity": {"layers": sc["layers"], "spearman": sc["spearman"].tolist()},
-        "per_class_accuracy": dict(zip(classes, [None if np.isnan(v) else float(v) for v in pca_])),
-        "probes": idx.tolist(), "classes": classes, "device": str(device), "seconds": secs,
+        "faithfulness": f_meta, "sanity": sc_meta,
+        "per_class_accuracy": dict(zip(classes, pca_)),
+        "probes": idx.tolist(), "classes": classes, "device": str(device), "seconds": secs, "cpu_seconds": cpu_secs,
     }
-    return a, m
+    return a, json_safe(m)
+
+
+# The summary values of faithfulness and of the randomization check (None where not computed).
+FAITHFULNESS_KEYS = ["deletion_auc", "deletion_auc_se", "deletion_auc_random", "deletion_auc_random_se",
+                     "insertion_auc", "insertion_auc_se", "insertion_auc_random", "insertion_auc_random_se",
+                     "faithfulness_n_images"]
+SANITY_KEYS = ["sanity_rho", "sanity_rho_std", "sanity_abs_rho", "sanity_abs_rho_std", "sanity_n_draws",
+               "sanity_n_images", "sanity_n_degenerate"]
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with numpy values as plain Python ones and every non-finite number as None: JSON has
+    no NaN, and a value that was not computed is null, never a fake number."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
 
 
 def draw_trial(out: Path, a: dict[str, Any], m: dict[str, Any], history: dict[str, np.ndarray]) -> list[Path]:
-    """The per-trial figures, from the arrays alone."""
+    """The per-trial figures, from the arrays alone; none for an analysis that was skipped
+    (``m["skipped"]`` says why)."""
     from . import viz
 
     classes, p = a["classes"], a["probes"]
     figs = {
-        "curves": viz.curves(history),
-        "filters_first": viz.filters_rgb(a["filters"]["init"]["first_rgb"], a["filters"]["trained"]["first_rgb"]),
-        "filters_last": viz.filter_grid(a["filters"]["init"]["last"], a["filters"]["trained"]["last"],
-                                        a["fmaps"]["layers"][1]),
-        "fmaps_first": viz.feature_maps(p["images"], a["fmaps"]["init"]["first"], a["fmaps"]["trained"]["first"],
-                                        a["fmaps"]["layers"][0], classes, p["labels"]),
-        "fmaps_last": viz.feature_maps(p["images"], a["fmaps"]["init"]["last"], a["fmaps"]["trained"]["last"],
-                                       a["fmaps"]["layers"][1], classes, p["labels"]),
-        "through_layers": viz.through_layers(p["images"][0], {n: a["through"][n] for n in a["through"]["layers"]}),
-        "cam": viz.cam_overlays(p["images"], {k: a["cam"][k] for k in a["cam"]["methods"]}, p["labels"],
-                                p["predictions"], classes),
-        "faithfulness": viz.faithfulness(a["faithfulness"]["x"], a["faithfulness"]["deletion"],
-                                         a["faithfulness"]["insertion"], a["faithfulness"]["deletion_random"],
-                                         a["faithfulness"]["insertion_random"]),
-        "sanity": viz.sanity(a["sanity"]["layers"], a["sanity"]["spearman"], a["sanity"]["maps"], p["images"][0]),
-        "tsne_gmm": viz.tsne_gmm(a["embedding"]["tsne"], a["embedding"]["labels"], a["embedding"]["gmm"], classes,
-                                 {k: m["summary"][k] for k in ("ari", "nmi", "purity")}),
-        "bic": viz.bic(a["bic"]["bic"], a["bic"]["ks"], a["bic"]["covariance_types"], tuple(m["gmm"]["bic_best"])),
-        "contingency": viz.contingency(a["embedding"]["contingency"], classes),
-        "confusion": viz.confusion(a["metrics"]["confusion"], a["metrics"]["per_class_accuracy"], classes,
-                                   m["summary"]["ece"]),
+        "curves": lambda: viz.curves(history),
+        "filters_first": lambda: viz.filters_rgb(a["filters"]["init"]["first_rgb"],
+                                                 a["filters"]["trained"]["first_rgb"]),
+        "filters_last": lambda: viz.filter_grid(a["filters"]["init"]["last"], a["filters"]["trained"]["last"],
+                                                a["fmaps"]["layers"][1]),
+        "fmaps_first": lambda: viz.feature_maps(p["images"], a["fmaps"]["init"]["first"],
+                                                a["fmaps"]["trained"]["first"], a["fmaps"]["layers"][0], classes,
+                                                p["labels"]),
+        "fmaps_last": lambda: viz.feature_maps(p["images"], a["fmaps"]["init"]["last"], a["fmaps"]["trained"]["last"],
+                                               a["fmaps"]["layers"][1], classes, p["labels"]),
+        "through_layers": lambda: viz.through_layers(p["images"][0],
+                                                     {n: a["through"][n] for n in a["through"]["layers"]}),
+        "confusion": lambda: viz.confusion(a["metrics"]["confusion"], a["metrics"]["per_class_accuracy"], classes,
+                                           m["summary"]["ece"], _reliability(out.parent)),
     }
+    if "cam" not in m["skipped"]:
+        figs["cam"] = lambda: viz.cam_overlays(p["images"], {k: a["cam"][k] for k in a["cam"]["methods"]},
+                                               p["labels"], p["predictions"], classes)
+    if "faithfulness" in a:
+        f = a["faithfulness"]
+        figs["faithfulness"] = lambda: viz.faithfulness(f["x"], f["deletion"], f["insertion"], f["deletion_random"],
+                                                        f["insertion_random"])
+    if "sanity" in a:
+        figs["sanity"] = lambda: viz.sanity(a["sanity"]["layers"], a["sanity"]["spearman"], a["sanity"]["maps"],
+                                            a["sanity"]["image"])
+    e = a["embedding"]
+    if "tsne" in e and "gmm" in e:
+        figs["tsne_gmm"] = lambda: viz.tsne_gmm(e["tsne"], e["labels"], e["gmm"], classes,
+                                                {k: m["summary"][k] for k in ("ari", "nmi", "purity")})
+    if "gmm" in e:
+        figs["bic"] = lambda: viz.bic(a["bic"]["bic"], a["bic"]["ks"], a["bic"]["covariance_types"],
+                                      tuple(m["gmm"]["bic_best"]))
+        figs["contingency"] = lambda: viz.contingency(e["contingency"], classes)
     if "bn" in a:
-        figs["bn_histograms"] = viz.bn_histograms({n: a["bn"][n] for n in a["bn"]["layers"]})
-    return [viz.save(fig, out / f"{name}.png") for name, fig in figs.items()]
+        figs["bn_histograms"] = lambda: viz.bn_histograms({n: a["bn"][n] for n in a["bn"]["layers"]})
+    return [viz.save(draw(), out / f"{name}.png") for name, draw in figs.items()]
+
+
+def _reliability(trial_dir: Path) -> dict[str, np.ndarray] | None:
+    """The reliability diagram's bins, from the logits of the trial's test-set dump (None without one)."""
+    from . import features, viz
+
+    path = trial_dir / "features.h5"
+    if not path.is_file():
+        return None
+    dump = features.read(path)
+    return viz.reliability_bins(dump.logits, dump.labels)
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -379,28 +555,44 @@ def postprocess(sweep_dir: str | Path, settings: Settings = Settings(), workers:
 
 
 def draw_sweep(sweep_dir: Path, pivot: dict[str, Any]) -> list[Path]:
-    """figures/: accuracy bars, valid curves, the CAM grid and the t-SNE grid."""
+    """figures/: accuracy bars with the chance line, valid curves, the CAM grid and the t-SNE grid;
+    the trials in variant x schedule order, those whose maps or embedding were skipped left out."""
     from . import viz
+    from .report import shown
+    from .results import collect_rows, ordered, read_interpretation
 
     out = sweep_dir / "figures"
-    written = [viz.save(viz.accuracy_bars(pivot), out / "accuracy.png")]
-    trials = sorted(d for d in (sweep_dir / "trials").iterdir() if (d / "history.csv").is_file())
+    rows = ordered(collect_rows(sweep_dir))
+    variant_of = {r["trial_id"]: r["variant"] for r in rows}
+    trials = [sweep_dir / "trials" / r["trial_id"] for r in rows]
+    trials = [d for d in trials if (d / "history.csv").is_file()]
+    done = [d for d in trials if all((d / "interpret" / f).is_file() for f in ("arrays.h5", "metrics.json"))]
+    arrays = {d.name: read_arrays(d / "interpret" / "arrays.h5") for d in done}
+    metrics = {d.name: read_interpretation(d) for d in done}
+    # CIFAR-10 has 10 classes; an interpreted trial names them.
+    n_classes = len(arrays[done[0].name]["classes"]) if done else 10
+    chance = 1 / n_classes if pivot["metric"] in ("test_acc", "best_valid_acc") else None
+    written = [viz.save(viz.accuracy_bars(pivot, chance), out / "accuracy.png")]
     if trials:
-        variant_of = {d.name: json.loads((d / "config.json").read_text())["variant"] for d in trials}
         written.append(viz.save(viz.valid_curves({d.name: _history(d) for d in trials}, variant_of),
                                 out / "valid_curves.png"))
-    done = [d for d in trials if (d / "interpret" / "arrays.h5").is_file()]
     if done:
-        arrays = {d.name: read_arrays(d / "interpret" / "arrays.h5") for d in done}
         first = arrays[done[0].name]
-        same_probes = [t for t, a in arrays.items() if np.array_equal(a["probes"]["indices"],
-                                                                      first["probes"]["indices"])]
-        method = json.loads((done[0] / "interpret" / "metrics.json").read_text())["cam"]["method"]
-        written.append(viz.save(viz.cam_grid(first["probes"]["images"],
-                                             np.stack([arrays[t]["cam"][method] for t in same_probes]),
-                                             same_probes, first["classes"], first["probes"]["labels"]),
-                                out / "cam_grid.png"))
-        written.append(viz.save(viz.tsne_grid([a["embedding"]["tsne"] for a in arrays.values()],
-                                              [a["embedding"]["labels"] for a in arrays.values()],
-                                              list(arrays), first["classes"]), out / "tsne_grid.png"))
+        method = metrics[done[0].name].get("cam", {}).get("method", "gradcam")
+        cams = [t for t, a in arrays.items() if shown("cam_grid", metrics[t]["skipped"]) and method in a.get("cam", {})
+                and np.array_equal(a["probes"]["indices"], first["probes"]["indices"])]
+        if cams:
+            p = first["probes"]
+            written.append(viz.save(viz.cam_grid(p["images"], np.stack([arrays[t]["cam"][method] for t in cams]), cams,
+                                                 first["classes"], p["labels"],
+                                                 targets=np.stack([arrays[t]["probes"]["predictions"] for t in cams]),
+                                                 method=method, groups=[variant_of[t] for t in cams]),
+                                    out / "cam_grid.png"))
+        tsne = [t for t, a in arrays.items()
+                if shown("tsne_grid", metrics[t]["skipped"]) and "tsne" in a.get("embedding", {})]
+        if tsne:
+            written.append(viz.save(viz.tsne_grid([arrays[t]["embedding"]["tsne"] for t in tsne],
+                                                  [arrays[t]["embedding"]["labels"] for t in tsne], tsne,
+                                                  first["classes"], rows=[variant_of[t] for t in tsne]),
+                                    out / "tsne_grid.png"))
     return written

@@ -16,29 +16,46 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .config import SCHEDULES, VARIANTS
 from .errors import UserError, format_size
 
-# The interpretation metrics taken from trials/<id>/interpret/metrics.json ["summary"].
-INTERPRET_METRICS = ["ari", "nmi", "purity", "ece", "deletion_auc", "insertion_auc", "sanity_rho"]
-ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "note", "epochs", "best_valid_acc",
-               "best_epoch", "test_acc", *INTERPRET_METRICS, "wall_s"]
+# What a trial's interpret/metrics.json ["summary"] holds, in the order of the table columns: the
+# scores, each faithfulness AUC beside its random-map baseline, with their standard errors over the
+# probe images and the counts they come from, and the sanity check's correlations with their spread.
+INTERPRET_COLUMNS = ["ari", "nmi", "purity", "ece",
+                     "deletion_auc", "deletion_auc_se", "deletion_auc_random", "deletion_auc_random_se",
+                     "insertion_auc", "insertion_auc_se", "insertion_auc_random", "insertion_auc_random_se",
+                     "faithfulness_n_images",
+                     "sanity_rho", "sanity_rho_std", "sanity_abs_rho", "sanity_abs_rho_std",
+                     "sanity_n_draws", "sanity_n_images", "sanity_n_degenerate"]
+# The ones pivoted and ranked (the rest are read with them: errors, spreads, counts).
+INTERPRET_METRICS = ["ari", "nmi", "purity", "ece", "deletion_auc", "deletion_auc_random", "insertion_auc",
+                     "insertion_auc_random", "sanity_rho", "sanity_abs_rho"]
+ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "degenerate", "note", "epochs",
+               "best_valid_acc", "best_epoch", "test_acc", *INTERPRET_COLUMNS, "wall_s"]
 # The columns `pivot` aggregates over seeds.
 METRICS = ["test_acc", "best_valid_acc", "best_epoch", "epochs", *INTERPRET_METRICS, "wall_s"]
+NUMERIC_COLUMNS = [*METRICS, *(c for c in INTERPRET_COLUMNS if c not in METRICS)]
 FORMATS = ("table", "md", "csv", "json", "latex")
 # The metrics where lower is better (calibration error, deletion AUC, the CAM's correlation with a
-# randomized model's, time): `results --sort` ranks these ascending, every other one descending.
-LOWER_IS_BETTER = ("ece", "deletion_auc", "sanity_rho", "wall_s")
-# The columns of `results --sort`; the metric ranked by comes after status.
-RANK_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "test_acc", "best_valid_acc", "epochs",
-                "wall_s"]
+# randomized model's, time): `results --sort` ranks these ascending, every other one descending. A
+# random-map baseline goes the way of its score. sanity_rho is better near 0, so it is ranked by its
+# size (a strongly negative correlation is no better than a strongly positive one).
+LOWER_IS_BETTER = ("ece", "deletion_auc", "deletion_auc_random", "sanity_rho", "sanity_abs_rho", "wall_s")
+BY_SIZE = ("sanity_rho",)
+# The columns of `results --sort`; the metric ranked by comes after status and the degenerate flag.
+RANK_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "degenerate", "test_acc", "best_valid_acc",
+                "epochs", "wall_s"]
 # Counts, printed as whole numbers (a mean over seeds with one decimal); seconds get one decimal, the
 # rest (accuracies, scores) four. CSV and JSON keep every digit.
-WHOLE_COLUMNS = ("seed", "epochs", "best_epoch")
+WHOLE_COLUMNS = ("seed", "epochs", "best_epoch", "faithfulness_n_images", "sanity_n_draws", "sanity_n_images",
+                 "sanity_n_degenerate")
+# The mark of a pivot cell that averages in a degenerate trial, explained under the table.
+DAGGER = "†"
 
 
 def trial_status(trial_dir: Path) -> str:
@@ -59,21 +76,42 @@ def trial_note(trial_dir: Path, status: str) -> str:
     return "not started" if status == "pending" else ""
 
 
-def _interpret_summary(trial_dir: Path) -> dict[str, float]:
-    """The seven interpretation metrics of a trial; NaN for each one its metrics.json lacks."""
-    out = dict.fromkeys(INTERPRET_METRICS, math.nan)
+def read_interpretation(trial_dir: Path) -> dict[str, Any] | None:
+    """A trial's interpret/metrics.json, None where post-processing has not written one.
+
+    The parts the tables and the report read are made safe to read: ``summary`` a dict, ``degenerate``
+    {"detected": True, False or None (not checked: an older file), "reasons": [lines]} and ``skipped``
+    {analysis: reason}; missing or malformed ones read as empty.
+    """
     path = trial_dir / "interpret" / "metrics.json"
     if not path.is_file():
-        return out
+        return None
     try:
-        summary = json.loads(path.read_text()).get("summary") or {}
+        m = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f"{path}: not valid JSON ({e}); delete it and run `vgg-xai postprocess` again") from None
-    for k in INTERPRET_METRICS:
-        v = summary.get(k)
+    if not isinstance(m, dict):
+        raise UserError(f"{path}: not a metrics file (a JSON object); delete it and run `vgg-xai postprocess` again")
+    deg = m.get("degenerate") if isinstance(m.get("degenerate"), dict) else {}
+    reasons, skipped = deg.get("reasons"), m.get("skipped")
+    return {**m, "summary": m["summary"] if isinstance(m.get("summary"), dict) else {},
+            "degenerate": {**deg, "detected": deg["detected"] if isinstance(deg.get("detected"), bool) else None,
+                           "reasons": [str(r) for r in reasons] if isinstance(reasons, list) else []},
+            "skipped": {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}}
+
+
+def _interpret_columns(trial_dir: Path) -> dict[str, Any]:
+    """A trial's INTERPRET_COLUMNS (NaN for each one its metrics.json lacks or holds as null) and its
+    degenerate flag (None where it was not checked)."""
+    out: dict[str, Any] = dict.fromkeys(INTERPRET_COLUMNS, math.nan)
+    m = read_interpretation(trial_dir)
+    if m is None:
+        return {"degenerate": None, **out}
+    for k in INTERPRET_COLUMNS:
+        v = m["summary"].get(k)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = float(v)
-    return out
+    return {"degenerate": m["degenerate"]["detected"], "reasons": m["degenerate"]["reasons"], **out}
 
 
 def _from_float32(x: float) -> float:
@@ -97,10 +135,14 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
             continue
         cfg = json.loads(cfg_file.read_text())
         status = trial_status(d)
+        interp = _interpret_columns(d)
+        reasons = interp.pop("reasons", [])
+        why = "degenerate" + (": " + "; ".join(reasons) if reasons else "") if interp["degenerate"] else ""
+        note = trial_note(d, status) or why
         row: dict[str, Any] = {"trial_id": d.name, "variant": cfg["variant"], "lr_schedule": cfg["lr_schedule"],
-                               "seed": cfg["seed"], "status": status, "note": trial_note(d, status), "epochs": 0,
-                               "best_valid_acc": math.nan, "best_epoch": 0, "test_acc": math.nan,
-                               **_interpret_summary(d), "wall_s": math.nan}
+                               "seed": cfg["seed"], "status": status, "degenerate": interp.pop("degenerate"),
+                               "note": note, "epochs": 0, "best_valid_acc": math.nan, "best_epoch": 0,
+                               "test_acc": math.nan, **interp, "wall_s": math.nan}
         history = d / "history.csv"
         if history.is_file():  # a running trial: the epochs it has done so far
             done = list(csv.DictReader(history.open()))
@@ -128,47 +170,104 @@ def load_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
             saved = json.loads(table.read_text())["rows"]
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{table}: not a vgg-xai results table ({e}); run `vgg-xai postprocess` again") from None
-        return [_clean({c: math.nan if r.get(c) is None and c in METRICS else r.get(c) for c in ROW_COLUMNS})
+        return [_clean({c: math.nan if r.get(c) is None and c in NUMERIC_COLUMNS else r.get(c) for c in ROW_COLUMNS})
                 for r in saved]
     raise UserError(f"{sweep_dir}: not a sweep folder (no trials/ or tables/accuracy.json); pass results/<sweep>, "
                     f"or copy one from a cluster with `vgg-xai results pull HOST:PATH {sweep_dir}`")
 
 
+def _known_first(known: list[str]) -> Callable[[str], tuple[int, str]]:
+    """Sorts names in the order of ``known`` (the study's), any others after them by name."""
+    return lambda x: (known.index(x) if x in known else len(known), x)
+
+
+def ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows variant x schedule x seed, in the study's order of variants and schedules (the pivot's)."""
+    v, s = _known_first(list(VARIANTS)), _known_first(list(SCHEDULES))
+    return sorted(rows, key=lambda r: (v(r["variant"]), s(r["lr_schedule"]), r.get("seed") or 0, r["trial_id"]))
+
+
 def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any]:
     """variant x schedule -> mean, std (ddof=1 over seeds; 0 for one seed) and n of a metric.
 
-    Only completed trials count; n is how many had a value, of how many trials the cell holds.
+    Only completed trials count; n is how many had a value, of how many trials the cell holds. A cell's
+    ``degenerate`` lists the degenerate trials among the n, and the pivot's ``degenerate`` says why
+    each of them is (trial id -> reasons).
     """
     if metric not in METRICS:
         raise UserError(f"metric: {metric!r} is not one of {', '.join(METRICS)}")
-    known_v, known_s = list(VARIANTS), list(SCHEDULES)
-    order = lambda known: (lambda x: (known.index(x) if x in known else len(known), x))  # noqa: E731
-    variants = sorted({r["variant"] for r in rows}, key=order(known_v))
-    schedules = sorted({r["lr_schedule"] for r in rows}, key=order(known_s))
+    variants = sorted({r["variant"] for r in rows}, key=_known_first(list(VARIANTS)))
+    schedules = sorted({r["lr_schedule"] for r in rows}, key=_known_first(list(SCHEDULES)))
     cells: dict[str, dict[str, Any]] = {}
+    why: dict[str, str] = {}
     for v in variants:
         for s in schedules:
             group = [r for r in rows if r["variant"] == v and r["lr_schedule"] == s]
-            vals = [float(r[metric]) for r in group
-                    if r["status"] == "completed" and r[metric] is not None and math.isfinite(float(r[metric]))]
-            statuses = sorted({r["status"] for r in group})
+            counted = [r for r in group if r["status"] == "completed" and _number(r.get(metric)) is not None]
+            vals = [_number(r[metric]) for r in counted]
+            degenerate = [r["trial_id"] for r in counted if r.get("degenerate") is True]
+            why.update({r["trial_id"]: _reasons(r) for r in counted if r["trial_id"] in degenerate})
             cells[f"{v}|{s}"] = {
                 "mean": float(np.mean(vals)) if vals else None,
                 "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None),
-                "n": len(vals), "of": len(group), "statuses": statuses,
+                "n": len(vals), "of": len(group), "statuses": sorted({r["status"] for r in group}),
+                "degenerate": degenerate,
             }
-    return {"metric": metric, "variants": variants, "schedules": schedules, "cells": cells}
+    return {"metric": metric, "variants": variants, "schedules": schedules, "cells": cells, "degenerate": why}
 
 
-def cell_text(c: dict[str, Any], pm: str = " ± ", missing: str | None = None, metric: str | None = None) -> str:
+def _number(v: Any) -> float | None:
+    """A finite number as a float; None for anything else (null, NaN, text, a bool)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _reasons(row: dict[str, Any]) -> str:
+    """Why a degenerate row is: its note without the word (collect_rows wrote it as 'degenerate: ...')."""
+    note = str(row.get("note") or "")
+    return note.removeprefix("degenerate").removeprefix(": ") or "no reason recorded"
+
+
+def better_key(metric: str) -> Callable[[float], float]:
+    """Sorts values of ``metric`` best first (LOWER_IS_BETTER ascending, BY_SIZE by size, others descending)."""
+    if metric in BY_SIZE:
+        return abs
+    return (lambda x: x) if metric in LOWER_IS_BETTER else (lambda x: -x)
+
+
+def best_cells(p: dict[str, Any]) -> list[str]:
+    """The keys ("variant|schedule") of the pivot's best cell by mean, all of them on a tie; [] where no
+    cell has a value. A cell with a degenerate trial is not a candidate (a collapsed model is perfectly
+    calibrated and its all-zero maps correlate with nothing) while any other cell has a value."""
+    key = better_key(p["metric"])
+    means = {k: c["mean"] for k, c in p["cells"].items() if c["mean"] is not None}
+    sound = {k: m for k, m in means.items() if not p["cells"][k].get("degenerate")}
+    means = sound or means
+    if not means:
+        return []
+    best = min(key(m) for m in means.values())
+    return [k for k, m in means.items() if key(m) == best]
+
+
+def cell_text(c: dict[str, Any], pm: str = " ± ", missing: str | None = None, metric: str | None = None,
+              mark: str = f" {DAGGER}") -> str:
     """One pivot cell of ``metric`` as text: mean, ``pm`` std when there are several seeds, (n/of) when
-    some trials have no value; ``missing`` (default: the trials' statuses) when none has."""
+    some trials have no value, ``mark`` when a degenerate trial is among them; ``missing`` (default: the
+    trials' statuses, n/a where they all completed) when none has a value."""
     if c["of"] == 0:
         return ""
     if c["mean"] is None:
-        return "/".join(c["statuses"]) if missing is None else missing
+        if missing is not None:
+            return missing
+        return "n/a" if c["statuses"] == ["completed"] else "/".join(c["statuses"])
     text = fmt_value(c["mean"], metric) + (f"{pm}{fmt_value(c['std'], metric)}" if c["n"] > 1 else "")
-    return text + (f" ({c['n']}/{c['of']})" if c["n"] < c["of"] else "")
+    return text + (f" ({c['n']}/{c['of']})" if c["n"] < c["of"] else "") + (mark if c.get("degenerate") else "")
+
+
+def pivot_notes(p: dict[str, Any]) -> list[str]:
+    """The lines under a pivot that explain its degenerate mark, one per degenerate trial in it."""
+    return [f"{DAGGER} includes a degenerate trial: {t} ({r})" for t, r in (p.get("degenerate") or {}).items()]
 
 
 def pivot_title(metric: str) -> str:
@@ -187,25 +286,27 @@ def _markdown(head: list[str], body: list[list[str]]) -> str:
 
 
 def format_pivot(p: dict[str, Any], markdown: bool = False) -> str:
-    """The pivot as a terminal table under a line naming its metric, or as a bare markdown table."""
+    """The pivot as a terminal table under a line naming its metric, or as a bare markdown table; the
+    footnote of its degenerate mark under it."""
     head = ["variant"] + p["schedules"]
     body = [[v] + [cell_text(p["cells"][f"{v}|{s}"], metric=p["metric"]) for s in p["schedules"]]
             for v in p["variants"]]
-    if markdown:
-        return _markdown(head, body)
-    return f"{pivot_title(p['metric'])}\n\n{_aligned(head, body)}"
+    notes = pivot_notes(p)
+    if markdown:  # a paragraph each
+        return _markdown(head, body) + "".join(f"\n\n{n}" for n in notes)
+    return f"{pivot_title(p['metric'])}\n\n{_aligned(head, body)}" + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 def pivot_csv(p: dict[str, Any]) -> str:
     """The pivot in long form, one line a cell; floats at full precision (they read back equal)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["variant", "schedule", "metric", "mean", "std", "n", "of"])
+    w.writerow(["variant", "schedule", "metric", "mean", "std", "n", "of", "degenerate"])
     for v in p["variants"]:
         for s in p["schedules"]:
             c = p["cells"][f"{v}|{s}"]
             w.writerow([v, s, p["metric"], "" if c["mean"] is None else repr(c["mean"]),
-                        "" if c["std"] is None else repr(c["std"]), c["n"], c["of"]])
+                        "" if c["std"] is None else repr(c["std"]), c["n"], c["of"], len(c.get("degenerate") or [])])
     return buf.getvalue()
 
 
@@ -218,15 +319,20 @@ def _latex_escape(text: str) -> str:
 
 
 def pivot_latex(p: dict[str, Any]) -> str:
-    """A booktabs tabular: variants as rows, schedules as columns, mean $\\pm$ std over seeds."""
-
+    """A booktabs tabular: variants as rows, schedules as columns, mean $\\pm$ std over seeds; a dagger
+    on cells with a degenerate trial, explained in a row per trial under the table."""
     lines = [f"% {_latex_escape(p['metric'])}: mean $\\pm$ std over seeds (needs \\usepackage{{booktabs}})",
              "\\begin{tabular}{l" + "c" * len(p["schedules"]) + "}", "\\toprule",
              " & ".join(["variant"] + [_latex_escape(s) for s in p["schedules"]]) + " \\\\", "\\midrule"]
     for v in p["variants"]:
-        cells = [cell_text(p["cells"][f"{v}|{s}"], " $\\pm$ ", "--", p["metric"]) for s in p["schedules"]]
+        cells = [cell_text(p["cells"][f"{v}|{s}"], " $\\pm$ ", "--", p["metric"], "$^\\dagger$")
+                 for s in p["schedules"]]
         lines.append(" & ".join([_latex_escape(v)] + cells) + " \\\\")
-    return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
+    lines.append("\\bottomrule")
+    for note in pivot_notes(p):
+        text = _latex_escape(note.removeprefix(DAGGER).strip())
+        lines.append(f"\\multicolumn{{{1 + len(p['schedules'])}}}{{l}}{{\\footnotesize $^\\dagger$ {text}}} \\\\")
+    return "\n".join(lines + ["\\end{tabular}"]) + "\n"
 
 
 def json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -251,16 +357,15 @@ def render(rows: list[dict[str, Any]], metric: str = "test_acc", fmt: str = "tab
 
 
 def ranked(rows: list[dict[str, Any]], metric: str, top: int | None = None) -> list[dict[str, Any]]:
-    """The rows best first by ``metric`` (ascending where LOWER_IS_BETTER), rows without a value last,
-    ties in trial-id order; the first ``top`` of them."""
+    """The rows best first by ``metric`` (see better_key), rows without a value last, ties in trial-id
+    order; the first ``top`` of them."""
     if metric not in METRICS:
         raise UserError(f"--sort: {metric!r} is not one of {', '.join(METRICS)}")
-    sign = 1 if metric in LOWER_IS_BETTER else -1
+    better = better_key(metric)
 
     def key(r: dict[str, Any]) -> tuple[bool, float]:
-        v = r.get(metric)
-        missing = v is None or not math.isfinite(float(v))
-        return missing, 0.0 if missing else sign * float(v)
+        v = _number(r.get(metric))
+        return v is None, 0.0 if v is None else better(v)
 
     return sorted(rows, key=key)[:top]
 
@@ -272,33 +377,42 @@ def render_ranked(rows: list[dict[str, Any]], metric: str, fmt: str = "table", t
     if fmt == "latex":
         raise UserError("--format latex is the pivot's; with --sort use table, md, csv or json")
     best = ranked(rows, metric, top)
-    columns = list(dict.fromkeys([*RANK_COLUMNS[:5], metric, *RANK_COLUMNS[5:]]))
-    order = "ascending" if metric in LOWER_IS_BETTER else "descending"
+    columns = list(dict.fromkeys([*RANK_COLUMNS[:6], metric, *RANK_COLUMNS[6:]]))
+    order = "by size" if metric in BY_SIZE else "ascending" if metric in LOWER_IS_BETTER else "descending"
     if fmt == "csv":
         return _rows_csv(best, columns)
     if fmt == "json":
         return json.dumps({"sort": metric, "order": order, "top": top, "of": len(rows),
                            "rows": json_rows([{c: r[c] for c in columns} for r in best])}, indent=2) + "\n"
-    title = (f"trials by {metric}, best first ({'lower' if order == 'ascending' else 'higher'} is better; "
-             f"no value last): {len(best)} of {len(rows)}")
+    better = {"by size": "nearer 0", "ascending": "lower", "descending": "higher"}[order]
+    title = f"trials by {metric}, best first ({better} is better; no value last): {len(best)} of {len(rows)}"
     body = [[fmt_value(r[c], c) for c in columns] for r in best]
     table = _markdown(columns, body) if fmt == "md" else _aligned(columns, body)
     return f"{title}\n\n{table}\n"
 
 
 def _rows_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """Rows as CSV: NaN empty, floats at full precision."""
+    """Rows as CSV: NaN and None empty, True/False as true/false, floats at full precision."""
+    def cell(v: Any) -> Any:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
-    w.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows)
+    w.writerows({k: cell(v) for k, v in r.items()} for r in rows)
     return buf.getvalue()
 
 
 def fmt_value(v: Any, column: str | None = None) -> str:
-    """A table value of ``column`` as text: NaN empty; counts (WHOLE_COLUMNS) whole, seconds (wall_s)
-    to one decimal, other floats to four."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    """A table value of ``column`` as text: NaN and None empty; the degenerate flag yes or no; counts
+    (WHOLE_COLUMNS) whole, seconds (wall_s) to one decimal, other floats to four."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return ("yes" if v else "no") if column == "degenerate" else str(v)
+    if not isinstance(v, (int, float)):
         return str(v)
     if math.isnan(v):
         return ""

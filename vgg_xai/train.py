@@ -402,7 +402,10 @@ def _run_trial(cfg: TrialConfig, out: Path, report: Report | None, resume: bool 
                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                             "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
-                            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}) + "\n")
+                            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+                            # what "auto" resolved to where this attempt ran (the report's provenance)
+                            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else None, "autocast": str(dtype).removeprefix("torch.") if dtype else "fp32"}) + "\n")
 
     scalars.open(history)
     if cfg.compile and device.type != "cuda":

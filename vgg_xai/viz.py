@@ -21,6 +21,7 @@ from matplotlib.colors import Colormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.image import AxesImage  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DPI = 100
 MAP_CMAP = "viridis"
@@ -63,6 +64,7 @@ def curves(history: dict[str, np.ndarray]) -> Figure:
             y = np.asarray(history[f"{split}_{what}"], dtype=float)
             ok = np.isfinite(y) & np.isfinite(epoch)
             ax.plot(epoch[ok], y[ok], style, ms=3, label=split)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss" if what == "loss" else "accuracy")
         ax.set_title("loss" if what == "loss" else "accuracy")
@@ -113,14 +115,19 @@ def filters_rgb(init_rgb: np.ndarray, trained_rgb: np.ndarray) -> Figure:
 
 def filter_grid(init_w: np.ndarray, trained_w: np.ndarray, layer: str) -> Figure:
     """Conv weights (out, in, kh, kw): rows = output filters, columns = input channels, one
-    kh x kw patch per cell; untrained beside trained, each side on its own scale symmetric about 0."""
-    fig, axes = _figure(12, 6, 1, 2, left=0.7, right=0.25, top=0.4, bottom=0.65, wspace=0.9)
-    for ax, w, title in zip(axes[0], (init_w, trained_w), ("untrained", "trained")):
-        w = np.asarray(w, dtype=float)
+    kh x kw patch per cell. Untrained and trained on one colour scale symmetric about 0, so what
+    training changed in size shows, then their difference (trained - untrained) on its own."""
+    init_w, trained_w = np.asarray(init_w, dtype=float), np.asarray(trained_w, dtype=float)
+    fig, axes = _figure(18, 6, 1, 3, left=0.7, right=0.25, top=0.4, bottom=0.65, wspace=0.9)
+    shared = _symmetric(init_w, trained_w)
+    diff = trained_w - init_w
+    panels = ((init_w, "untrained", shared, "weight (shared scale)"), (trained_w, "trained", shared,
+                                                                        "weight (shared scale)"),
+              (diff, "trained - untrained", _symmetric(diff), "change"))
+    for ax, (w, title, m, label) in zip(axes[0], panels):
         n_out, n_in, kh, kw = w.shape
-        # One mosaic image per side: (out, in) cells separated by NaN lines shown as background.
+        # One mosaic image per panel: (out, in) cells separated by NaN lines shown as background.
         grid = _tile(w.reshape(n_out * n_in, kh, kw), ncols=n_in, fill=np.nan)
-        m = float(np.nanmax(np.abs(w))) or 1.0
         im = ax.imshow(grid, cmap=WEIGHT_CMAP, vmin=-m, vmax=m, interpolation="nearest")
         ax.set_title(f"{layer} {title}")
         ax.set_xticks([j * (kw + 1) + kw / 2 - 0.5 for j in range(n_in)], range(n_in), fontsize=6)
@@ -128,8 +135,14 @@ def filter_grid(init_w: np.ndarray, trained_w: np.ndarray, layer: str) -> Figure
         ax.tick_params(length=0)
         ax.set_xlabel("input channel")
         ax.set_ylabel("output filter")
-        fig.colorbar(im, ax=ax, shrink=0.8, label="weight")
+        fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     return fig
+
+
+def _symmetric(*arrays: np.ndarray) -> float:
+    """The largest |value| of the arrays (1 where they are all zero or NaN): a scale symmetric about 0."""
+    m = max((float(np.nanmax(np.abs(a))) for a in arrays if np.isfinite(a).any()), default=0.0)
+    return m or 1.0
 
 
 def feature_maps(images: np.ndarray, init_maps: np.ndarray, trained_maps: np.ndarray, layer: str,
@@ -316,15 +329,19 @@ def contingency(table: np.ndarray, classes: list[str]) -> Figure:
     return fig
 
 
-def confusion(conf: np.ndarray, per_class_acc: np.ndarray, classes: list[str], ece: float | None = None) -> Figure:
-    """Confusion matrix (colour = share of the true class, text = counts) and per-class accuracy."""
+def confusion(conf: np.ndarray, per_class_acc: np.ndarray, classes: list[str], ece: float | None = None,
+              reliability: dict[str, np.ndarray] | None = None) -> Figure:
+    """Confusion matrix (colour = share of the true class, text = counts), per-class accuracy and,
+    given ``reliability`` (the bins of `reliability_bins`), the reliability diagram beside the ECE."""
     conf = np.asarray(conf)
     rows = conf.sum(axis=1, keepdims=True)
     share = conf / np.maximum(rows, 1)
-    names = 0.71 * _text_in(classes, 10)  # the rotated class names under both panels
-    fig, (axes,) = _figure(12, 5.5, 1, 2, left=0.45 + _text_in(classes, 10), top=0.7, bottom=0.45 + names,
-                           wspace=1.1, width_ratios=[1.2, 1])
-    ax_m, ax_b = axes
+    names = 0.71 * _text_in(classes, 10)  # the rotated class names under the first two panels
+    ratios = [1.2, 1] + ([0.8] if reliability is not None else [])
+    fig, (axes,) = _figure(12 + 4.4 * (reliability is not None), 5.5, 1, len(ratios),
+                           left=0.45 + _text_in(classes, 10), top=0.7, bottom=0.45 + names, wspace=1.1,
+                           width_ratios=ratios)
+    ax_m, ax_b = axes[:2]
     im = ax_m.imshow(share, cmap="Blues", vmin=0, vmax=1)
     _annotate(ax_m, conf, im)
     n = len(classes)
@@ -336,26 +353,70 @@ def confusion(conf: np.ndarray, per_class_acc: np.ndarray, classes: list[str], e
     fig.colorbar(im, ax=ax_m, shrink=0.8)
     acc = np.asarray(per_class_acc, dtype=float)
     ax_b.bar(range(n), acc, color="tab:blue")
-    mean = float(np.nanmean(acc))
+    mean = float(np.nanmean(acc)) if np.isfinite(acc).any() else math.nan
     ax_b.axhline(mean, color="black", ls="--", lw=1)
     ax_b.set_xticks(range(n), classes, rotation=45, ha="right")
     ax_b.set_ylim(0, 1)
     ax_b.set_ylabel("accuracy")
     ax_b.set_title(f"per-class accuracy (dashed: mean {mean:.3f})")
     ax_b.grid(axis="y", alpha=0.3)
-    fig.suptitle("confusion and per-class accuracy" + (f" (ECE {ece:.3f})" if ece is not None else ""),
-                 y=1 - 0.08 / fig.get_figheight(), va="top")
+    if reliability is not None:
+        _reliability(axes[2], reliability, ece)
+    what = "confusion, per-class accuracy and calibration" if reliability is not None else \
+        "confusion and per-class accuracy"
+    fig.suptitle(what + (f" (ECE {ece:.3f})" if ece is not None else ""), y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig
+
+
+def reliability_bins(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
+    """The reliability diagram's numbers, binned as the ECE is (interpret.metrics.ece: equal-width
+    bins (lo, hi] of the softmax confidence): per bin the mean confidence and the accuracy (NaN where
+    empty) and the image count; ``edges`` (bins + 1). The only computing here: the figures of a trial
+    are drawn from its arrays and its dump, and the dump holds the logits."""
+    z = np.asarray(logits, dtype=np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    conf, correct = p.max(axis=1), p.argmax(axis=1) == np.asarray(labels)
+    which = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore"):
+        mean_conf = np.bincount(which, conf, minlength=bins) / count
+        accuracy = np.bincount(which, correct.astype(float), minlength=bins) / count
+    return {"edges": np.linspace(0, 1, bins + 1), "confidence": mean_conf, "accuracy": accuracy, "count": count}
+
+
+def _reliability(ax: Axes, r: dict[str, np.ndarray], ece: float | None) -> None:
+    """Accuracy per confidence bin as bars, the gap to the bin's mean confidence hatched above or below
+    them, the diagonal of perfect calibration, and the share of images in each bin as a step line."""
+    edges = np.asarray(r["edges"], dtype=float)
+    acc, conf = np.asarray(r["accuracy"], dtype=float), np.asarray(r["confidence"], dtype=float)
+    count = np.asarray(r["count"], dtype=float)
+    ok = count > 0
+    left, width = edges[:-1][ok], np.diff(edges)[ok]
+    ax.bar(left, acc[ok], width, align="edge", color="tab:blue", edgecolor="white", lw=0.5, label="accuracy")
+    ax.bar(left, conf[ok] - acc[ok], width, bottom=acc[ok], align="edge", color="tab:red", alpha=0.25,
+           hatch="//", edgecolor="tab:red", lw=0, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfectly calibrated")
+    ax.stairs(count / max(count.sum(), 1), edges, color="black", lw=0.8, label="share of images")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("confidence (softmax maximum)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability" + (f" (ECE {ece:.3f})" if ece is not None else ""))
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
 
 
 # ---------------------------------------------------------------- per sweep
 
 
-def accuracy_bars(pivot: dict) -> Figure:
+def accuracy_bars(pivot: dict, chance: float | None = None) -> Figure:
     """Grouped bars of a results pivot: one group per variant, one bar per schedule, std as error
-    bars; cells without a value are left out, cells with missing seeds say n/of."""
+    bars; cells without a value are left out, cells with missing seeds say n/of, cells with a
+    degenerate trial are marked with a dagger; ``chance`` (1 / classes) as a dashed line."""
     variants, schedules, cells = pivot["variants"], pivot["schedules"], pivot["cells"]
-    fig, ((ax,),) = _figure(min(12, max(6, 0.35 * len(variants) * len(schedules) + 2.5)), 4.5, left=0.8)
+    fig, ((ax,),) = _figure(min(12, max(6, 0.35 * len(variants) * len(schedules) + 2.5)), 4.7, left=0.8, top=0.65)
     width = 0.8 / max(1, len(schedules))
     for j, s in enumerate(schedules):
         xs, ys, errs, notes = [], [], [], []
@@ -367,18 +428,24 @@ def accuracy_bars(pivot: dict) -> Figure:
             ys.append(cell["mean"])
             errs.append(cell.get("std") or 0.0)
             missing = cell.get("n") != cell.get("of")
-            notes.append(f"{cell['mean']:.3f}" + (f"\n{cell.get('n')}/{cell.get('of')}" if missing else ""))
+            notes.append(f"{cell['mean']:.3f}" + ("†" if cell.get("degenerate") else "")
+                         + (f"\n{cell.get('n')}/{cell.get('of')}" if missing else ""))
         if not xs:
             continue
         bars = ax.bar(xs, ys, width, yerr=errs, capsize=3, label=s)
         ax.bar_label(bars, notes, fontsize=6, padding=2)
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance ({chance:g})")
     ax.set_xticks(range(len(variants)), variants)
     ax.set_xlabel("variant")
     ax.set_ylabel(pivot["metric"])
-    ax.set_title(f"{pivot['metric']} by variant and learning-rate schedule (mean ± std over seeds)")
+    ax.set_title(f"{pivot['metric']} by variant and learning-rate schedule\n(mean ± std over seeds)")
     ax.margins(y=0.15)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="schedule", fontsize=8)
+    if any(c.get("degenerate") for c in cells.values()):
+        ax.text(1, -0.13, "† includes a degenerate trial", transform=ax.transAxes, ha="right", va="top",
+                fontsize=7)
     return fig
 
 
@@ -391,6 +458,7 @@ def valid_curves(histories: dict[str, dict[str, np.ndarray]], variant_of: dict[s
         e, y = np.asarray(h["epoch"], dtype=float), np.asarray(h["valid_acc"], dtype=float)
         ok = np.isfinite(e) & np.isfinite(y)
         ax.plot(e[ok], y[ok], color=colour[variant_of.get(t, "?")], alpha=0.7, lw=1.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend([Line2D([], [], color=colour[v]) for v in variants], variants, title="variant")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
@@ -400,37 +468,64 @@ def valid_curves(histories: dict[str, dict[str, np.ndarray]], variant_of: dict[s
 
 
 def cam_grid(images: np.ndarray, maps: np.ndarray, trial_ids: list[str], classes: list[str],
-             labels: np.ndarray) -> Figure:
+             labels: np.ndarray, targets: np.ndarray | None = None, method: str | None = None,
+             groups: list[str] | None = None) -> Figure:
     """The same probe images' maps across trials: rows = images, the image then one overlay
-    column per trial (maps (T, P, H, W) in [0, 1])."""
-    t = len(trial_ids)
+    column per trial in the order given (maps (T, P, H, W) in [0, 1]). ``method`` names the maps in
+    the title; ``targets`` (T, P), the class each map was computed for, is written in red under a
+    tile where it is not the image's true class; ``groups`` (a name per trial, e.g. its variant)
+    sets each run of columns of one name apart by a wider gap."""
+    t, p = len(trial_ids), len(images)
     cells = [[_rgb(img)] + [_blend(img, maps[j][i]) for j in range(t)] for i, img in enumerate(images)]
-    names = [classes[int(labels[i])] for i in range(len(images))]
+    names = [classes[int(labels[i])] for i in range(p)]
+    col_gaps = {0: 6}
+    if groups is not None:
+        col_gaps |= {j: 8 for j in range(1, t) if groups[j] != groups[j - 1]}
+    under = 11 if targets is not None else 0  # pixels under each row for the target class
+    title = f"{method or 'class activation'} maps across trials"
+    if targets is not None:
+        title += "\ntarget: the model's prediction (red: not the true class)"
     # Trial ids are written vertically above their columns; the top margin fits the longest.
-    fig, ax, xc, yc = _grid(cells, cell=0.9, title="class activation maps across trials",
-                            left=_text_in(names, 7) + 0.15, top=0.45 + _text_in(trial_ids, 6), col_gaps={0: 6})
+    fig, ax, xc, yc = _grid(cells, cell=0.9, title=title, left=_text_in(names, 7) + 0.15,
+                            top=0.45 + 0.17 * (targets is not None) + _text_in(trial_ids, 6), col_gaps=col_gaps,
+                            row_gaps={i: under for i in range(p - 1)} if under else None,
+                            bottom=0.1 + under / DPI)
     ax.set_xticks(xc, ["image"] + list(trial_ids), fontsize=6, rotation=90)
     ax.get_xticklabels()[0].set(rotation=0, fontsize=7)
     ax.set_yticks(yc, names, fontsize=7)
+    if targets is not None:
+        tile = 2 * yc[0] + 1
+        for j in range(t):
+            for i in range(p):
+                if int(targets[j][i]) != int(labels[i]):
+                    ax.text(xc[1 + j], yc[i] + tile / 2, classes[int(targets[j][i])], ha="center", va="top",
+                            fontsize=5, color="tab:red", clip_on=False)
     return fig
 
 
 def tsne_grid(embeddings: list[np.ndarray], labels: list[np.ndarray], trial_ids: list[str],
-              classes: list[str]) -> Figure:
-    """One small t-SNE scatter per trial coloured by label, about 5 per row, one shared legend."""
+              classes: list[str], rows: list[str] | None = None) -> Figure:
+    """One small t-SNE scatter per trial coloured by label, one shared legend. With ``rows`` (a name
+    per trial, e.g. its variant) one row of panels per name, trials in the order given (so a
+    variant x schedule grid); else about 5 panels per row."""
     n = len(trial_ids)
-    ncols = min(5, n)
-    nrows = math.ceil(n / ncols)
-    cell = min(2.2, (MAX_HEIGHT - 1) / nrows)
+    if rows is None:
+        place = [divmod(k, min(5, n)) for k in range(n)]
+    else:
+        order = list(dict.fromkeys(rows))
+        seen = [rows[:k].count(r) for k, r in enumerate(rows)]
+        place = [(order.index(r), c) for r, c in zip(rows, seen)]
+    nrows, ncols = max(r for r, _ in place) + 1, max(c for _, c in place) + 1
     legend_w = 0.5 + _text_in(classes, 7)
+    cell = min(2.2, (MAX_HEIGHT - 1) / nrows, (MAX_WIDTH - legend_w - 0.2) / ncols)
     fig, axes = _figure(cell * ncols + legend_w, cell * nrows + 0.5, nrows, ncols, left=0.1, right=legend_w,
                         top=0.55, bottom=0.1, wspace=0.1, hspace=0.3)
-    axes = axes.ravel()
-    for ax, e, y, tid in zip(axes, embeddings, labels, trial_ids):
-        _scatter_by(ax, e, y, classes, s=1)
-        ax.set_title(tid, fontsize=7)
-    for ax in axes[n:]:
-        ax.remove()
+    for (r, c), e, y, tid in zip(place, embeddings, labels, trial_ids):
+        _scatter_by(axes[r, c], e, y, classes, s=1)
+        axes[r, c].set_title(tid, fontsize=7)
+    for (r, c), ax in np.ndenumerate(axes):
+        if (r, c) not in place:
+            ax.remove()
     cmap = _group_cmap(len(classes))
     handles = [Line2D([], [], ls="", marker="o", ms=5, color=cmap(i % cmap.N)) for i in range(len(classes))]
     fig.legend(handles, classes, loc="center left", bbox_to_anchor=(1 - (legend_w - 0.1) / fig.get_figwidth(), 0.5),

@@ -11,4 +11,5 @@ Drawing and file formats live elsewhere. One module per question:
     embedding     PCA and t-SNE of feature vectors
     clusters      Gaussian mixtures, BIC scans, cluster-vs-label scores
     metrics       confusion, per-class accuracy, calibration error
+    degenerate    is a result degenerate (collapsed features, one class, flat maps)?
 """

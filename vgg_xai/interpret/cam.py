@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam, LayerGradientXActivation
 from torch import nn
 
-from .hooks import as_input, capture, module_by_name, prepared
+from .hooks import as_input, capture, chunk_size, module_by_name, prepared
 
 METHODS = ("gradcam", "hirescam", "gradcam++", "cam")
 
@@ -49,12 +49,14 @@ def gap_input_layer(model: nn.Module) -> str:
 
 def cam(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
         targets: torch.Tensor | np.ndarray | list[int] | int | None = None,
-        layer: str | None = None) -> np.ndarray:
+        layer: str | None = None, batch_size: int | None = None) -> np.ndarray:
     """Maps (N, H, W) in [0, 1] for normalized images (N, 3, H, W).
 
     targets: class per image (or one for all); default the model's prediction.
     layer: a layer name of ``model.features``; default `default_layer`. Plain ``cam`` always
     uses `gap_input_layer`, the only layer where it is exact.
+    batch_size: images per forward and backward pass (default `hooks.chunk_size`; each image's
+    map is its own, so the chunks do not change the maps).
     """
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
@@ -69,10 +71,12 @@ def cam(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
     layer = layer or default_layer(model)
     module_by_name(model, layer)  # a clear error for an unknown name
     x = as_input(model, images)
+    size = batch_size or chunk_size(x.device)
     with prepared(model):
         t = _targets(model, x, targets)
-        raw = _RAW[method](model, x, t, layer)
-    return _upsample_normalize(raw.detach(), x.shape[-2:])
+        raw = torch.cat([_RAW[method](model, x[i:i + size], t[i:i + size], layer).detach()
+                         for i in range(0, len(x), size)])
+    return _upsample_normalize(raw, x.shape[-2:])
 
 
 def _targets(model: nn.Module, x: torch.Tensor, targets) -> torch.Tensor:

@@ -2,11 +2,13 @@
 
 Everything that looks inside a model goes through `capture` (or `prepared` when a library
 places its own hooks), so hooks are always removed and the model's modes always restored,
-also when the block raises.
+also when the block raises. What needs only outputs, many of them, runs on an `inference_copy`
+in chunks of `chunk_size`.
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -32,6 +34,32 @@ def as_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """A new float tensor on the model's device: callers' tensors are never modified or flagged."""
     p = next(model.parameters())
     return torch.as_tensor(images).detach().to(device=p.device, dtype=p.dtype).clone()
+
+
+def chunk_size(device: torch.device) -> int:
+    """Images per forward pass where only throughput matters: large on a GPU; small on the CPU,
+    where a chunk's activations then stay in cache (width 0.125: 64 images ran 1.4x faster per
+    image than 512, measured)."""
+    return 512 if device.type == "cuda" else 64
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for forward passes only: eval mode, each Conv2d followed by a
+    BatchNorm2d in ``model.features`` folded into one conv (the same function up to float
+    rounding, one pass over the activations less), channels_last. No hooks can see a BatchNorm in
+    it: use it for outputs, never for activations. With `chunk_size`, the deletion curves of a
+    bn model (width 0.125) ran 3.4-3.8x faster on 2 CPU cores than NCHW in chunks of 512."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net = copy.deepcopy(model).eval()
+    features = getattr(net, "features", None)
+    if isinstance(features, nn.Sequential):
+        children = list(features.named_children())
+        for (name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(features, name, fuse_conv_bn_eval(conv, bn))
+                setattr(features, bn_name, nn.Identity())
+    return net.to(memory_format=torch.channels_last)
 
 
 @contextmanager

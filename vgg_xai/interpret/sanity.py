@@ -2,6 +2,13 @@
 on the learned weights? Layers are re-initialized from the top down, and after each step the
 maps are compared with the trained model's by Spearman rank correlation. A method that
 passes loses correlation as layers are randomized; an edge detector would not.
+
+One draw of the random weights over a few images moves the final correlation by +-0.15, so
+`randomization_check` repeats the cascade over several draws and reports mean and standard
+deviation of the correlation and of its absolute value (Adebayo et al. report both: a map that
+turns into its own negative is as dependent on the weights as one that keeps its sign).
+A map that is all zero or constant has no ranking: its correlation is undefined (NaN), left out
+of every mean and counted, never scored as 0.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from .cam import cam
+from .degenerate import flat_maps
 from .hooks import as_input, module_by_name, prepared
 
 
@@ -32,9 +40,10 @@ def cascading_randomization(model: nn.Module, images: torch.Tensor, method: str 
     """Randomize a deepcopy of ``model`` layer by layer (`randomization_order`) and compare maps.
 
     Targets stay fixed (default: the trained model's predictions) so only the weights change.
-    Returns ``layers`` (names, in order), ``spearman`` (mean over images after each step),
-    ``spearman_per_image`` (steps, N) and ``maps`` (steps + 1, N, H, W), the trained model's
-    maps first. A map that becomes constant has correlation 0 with anything.
+    Returns ``layers`` (names, in order), ``spearman`` (mean over images after each step, over
+    the images where it is defined), ``spearman_per_image`` (steps, N), NaN where the trained or
+    the randomized map is flat (all zero or constant), and ``maps`` (steps + 1, N, H, W), the
+    trained model's maps first.
     """
     net = copy.deepcopy(model)  # the caller's model is never touched
     x = as_input(net, images)
@@ -50,19 +59,58 @@ def cascading_randomization(model: nn.Module, images: torch.Tensor, method: str 
         maps.append(cam(net, x, method, targets, layer))
         rho.append(spearman_rows(reference, maps[-1]))
     per_image = np.stack(rho)
-    return {"layers": names, "spearman": per_image.mean(axis=1), "spearman_per_image": per_image,
+    return {"layers": names, "spearman": _nanmean(per_image, axis=1), "spearman_per_image": per_image,
             "maps": np.stack(maps)}
 
 
+def randomization_check(model: nn.Module, images: torch.Tensor, method: str = "gradcam", draws: int = 3,
+                        seed: int = 0, targets: np.ndarray | None = None, layer: str | None = None) -> dict:
+    """`cascading_randomization` with ``draws`` independent draws of the random weights (seeds
+    ``seed``, ``seed + 1``, ...), summarized per step over every defined (draw, image) pair.
+
+    Returns ``layers``; per step (steps,): ``spearman`` and ``spearman_std`` (mean and standard
+    deviation of the signed correlation), ``abs_spearman`` and ``abs_spearman_std`` (of its
+    absolute value), ``n_pairs`` (the pairs defined) and ``n_degenerate`` (left out: the trained
+    or the randomized map flat); ``spearman_per_draw`` (draws, steps), the mean of each draw;
+    ``n_draws``, ``n_images`` and ``flat_trained`` (images whose trained map is flat, left out at
+    every step); ``maps`` of the first draw. A statistic with no defined pair is NaN.
+    """
+    runs = [cascading_randomization(model, images, method, seed + d, targets, layer) for d in range(draws)]
+    rho = np.stack([r["spearman_per_image"] for r in runs])  # (draws, steps, N)
+    pairs = np.moveaxis(rho, 1, 0).reshape(rho.shape[1], -1)  # (steps, draws * N)
+    n = np.isfinite(pairs).sum(axis=1)
+    return {
+        "layers": runs[0]["layers"], "spearman": _nanmean(pairs, axis=1), "spearman_std": _nanstd(pairs, axis=1),
+        "abs_spearman": _nanmean(np.abs(pairs), axis=1), "abs_spearman_std": _nanstd(np.abs(pairs), axis=1),
+        "n_pairs": n, "n_degenerate": pairs.shape[1] - n, "spearman_per_draw": np.stack([r["spearman"] for r in runs]),
+        "n_draws": draws, "n_images": rho.shape[2], "flat_trained": int(flat_maps(runs[0]["maps"][0]).sum()),
+        "maps": runs[0]["maps"],
+    }
+
+
+def _nanmean(a: np.ndarray, axis: int) -> np.ndarray:
+    n = np.isfinite(a).sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.nansum(a, axis=axis) / n, np.nan)
+
+
+def _nanstd(a: np.ndarray, axis: int) -> np.ndarray:
+    """The standard deviation (ddof 0) over the finite values; NaN where there are none."""
+    mean = np.expand_dims(_nanmean(a, axis), axis)
+    return np.sqrt(_nanmean((a - mean) ** 2, axis))
+
+
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman rank correlation of each image's map in ``a`` with the same image's in ``b`` (N,)."""
+    """Spearman rank correlation of each image's map in ``a`` with the same image's in ``b`` (N,);
+    NaN where either map is flat (all zero or constant: no ranking to correlate)."""
     ra = rankdata(np.asarray(a).reshape(len(a), -1), axis=1)
     rb = rankdata(np.asarray(b).reshape(len(b), -1), axis=1)
     ra -= ra.mean(axis=1, keepdims=True)
     rb -= rb.mean(axis=1, keepdims=True)
     norm = np.sqrt((ra ** 2).sum(axis=1) * (rb ** 2).sum(axis=1))
+    defined = (norm > 0) & ~flat_maps(a) & ~flat_maps(b)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norm > 0, (ra * rb).sum(axis=1) / norm, 0.0)
+        return np.where(defined, (ra * rb).sum(axis=1) / norm, np.nan)
 
 
 def _reinit(m: nn.Module, g: torch.Generator) -> None:
