@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 HEAD, WORKER = "127.0.0.2", "127.0.0.3"
 
 # The driver as the SLURM job runs it (SweepJob._multi_node, task 0): a fresh Python that joins the
-# cluster, then runs the sweep through the same Tune driver as a one-node sweep.
+# cluster, runs the sweep through the same Tune driver as a one-node sweep, then interprets the
+# trials on the same cluster.
 DRIVER = """
 import json, sys
 from pathlib import Path
@@ -43,6 +44,9 @@ import ray
 
 nodes = [{"ip": n["NodeManagerAddress"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]]
 outcome = sweep.run(plan, address=address)
+from vgg_xai.postprocess import postprocess
+
+postprocess(plan.sweep_dir, address=address)
 ray.shutdown()
 Path(out).write_text(json.dumps({"nodes": nodes, "failed": outcome.failed, "unfinished": outcome.unfinished}))
 """

@@ -104,6 +104,14 @@ def _allocation() -> tuple[int, int]:
     return cpus, gpus
 
 
+def _interpret(sweep_dir: Path, address: str | None = None) -> None:
+    """Post-processing inside the sweep's allocation, on its Ray, while the nodes are up (the
+    post-processing job after it finds the trials up to date and writes the tables again)."""
+    from .postprocess import postprocess
+
+    postprocess(sweep_dir, address=address)
+
+
 @dataclass
 class SweepJob(submitit.helpers.Checkpointable):
     """One sweep inside one allocation; requeued on SLURM's warning, resumed from trial folders."""
@@ -129,6 +137,7 @@ class SweepJob(submitit.helpers.Checkpointable):
             started = runtime.ray_init(num_cpus=cpus, num_gpus=gpus)
             try:
                 outcome = sweep.run(plan)
+                _interpret(plan.sweep_dir)
             finally:
                 if started:
                     runtime.ray_shutdown()
@@ -160,7 +169,9 @@ class SweepJob(submitit.helpers.Checkpointable):
                 self._nodes = [head]
                 atomic_write_text(rendezvous, json.dumps({"address": head.address}))
                 runtime.wait_for_nodes(head.address, env.num_nodes, ip, token=token, timeout=300, nodes=[head])
-                return sweep.run(plan, address=head.address)
+                outcome = sweep.run(plan, address=head.address)
+                _interpret(plan.sweep_dir, address=head.address)
+                return outcome
             finally:
                 atomic_write_text(done, "")
                 self._stop_ray()
