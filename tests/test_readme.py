@@ -288,7 +288,9 @@ def test_slurm_on_a_cluster_and_on_the_local_one(walk, tmp_path):
         states = _wait_for_jobs(local, sweep)
         assert set(states.values()) == {"COMPLETED"}, _walk_line(local, "vgg-xai status results/smoke").stdout
         r = _walk_line(local, "vgg-xai status results/smoke")
-        assert r.stdout.count("COMPLETED") == 2 and r.stdout.count(" completed ") == 15, r.stdout
+        assert r.stdout.count("COMPLETED") == 2 and r.stdout.count(" completed: test ") == 15, r.stdout
+        assert r.stdout.startswith("sweep smoke: 15/15 done, 0 running, 0 pending, 0 failed · "
+                                   "no SLURM job of this sweep is queued"), r.stdout
         assert (sweep / "tables" / "accuracy.csv").is_file() and (sweep / "report.html").is_file()
     finally:
         _walk_line(local, "cluster/local-slurm/local-slurm stop", timeout=300)
