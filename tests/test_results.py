@@ -605,3 +605,14 @@ def test_pull_of_a_local_folder_with_odd_names(tmp_path, cli_pull):
     r = cli_pull("./-cluster:copy/seed", "./-here:now")
     assert r.returncode == 0, r.stderr
     assert _files(cli_pull.work / "-here:now") == small
+
+
+def test_a_degenerate_note_under_a_pivot_is_one_short_line():
+    from vgg_xai.results import pivot_notes
+
+    reasons = ("every test image gets the same feature vector (feature std 0); one predicted class for all 5000 "
+               "test images (ship); class activation maps of the probe images: gradcam 10 of 10 all zero")
+    notes = pivot_notes({"degenerate": {"l2-lr1e-3-s0": reasons, "plain-lr1e-2-s0": "one predicted class"}})
+    assert notes == ["† includes a degenerate trial: l2-lr1e-3-s0 (every test image gets the same feature vector "
+                     "(feature std 0); +2 more)",
+                     "† includes a degenerate trial: plain-lr1e-2-s0 (one predicted class)"]

@@ -266,8 +266,13 @@ def cell_text(c: dict[str, Any], pm: str = " ± ", missing: str | None = None, m
 
 
 def pivot_notes(p: dict[str, Any]) -> list[str]:
-    """The lines under a pivot that explain its degenerate mark, one per degenerate trial in it."""
-    return [f"{DAGGER} includes a degenerate trial: {t} ({r})" for t, r in (p.get("degenerate") or {}).items()]
+    """The lines under a pivot that explain its degenerate mark, one per degenerate trial in it: its
+    first finding (the trial's note and the report hold them all; a line must fit a terminal)."""
+    out = []
+    for t, r in (p.get("degenerate") or {}).items():
+        first, *more = r.split("; ")
+        out.append(f"{DAGGER} includes a degenerate trial: {t} ({first}{f'; +{len(more)} more' if more else ''})")
+    return out
 
 
 def pivot_title(metric: str) -> str:
