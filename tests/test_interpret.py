@@ -19,7 +19,7 @@ from vgg_xai.interpret.clusters import bic_scan, cluster_scores, contingency, fi
 from vgg_xai.interpret.embedding import pca, tsne, tsne_method
 from vgg_xai.interpret import degenerate
 from vgg_xai.interpret.faithfulness import curve_auc, deletion_auc, insertion_auc, perturbation_curves, pixel_order
-from vgg_xai.interpret.filters import conv_weights, feature_maps, first_layer_rgb, through_every_conv
+from vgg_xai.interpret.filters import conv_weights, feature_maps, through_every_conv
 from vgg_xai.interpret.hooks import capture, inference_copy
 from vgg_xai.interpret.metrics import confusion, ece, per_class_accuracy
 from vgg_xai.interpret.probes import probe_indices
@@ -129,16 +129,6 @@ def test_feature_maps_are_the_conv_output_despite_inplace_relu():
     got = feature_maps(model, "conv1", x)
     assert (got < 0).any()
     np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
-def test_first_layer_rgb_scales_each_filter_jointly():
-    w = np.stack([np.arange(27.0).reshape(3, 3, 3), np.full((3, 3, 3), 2.0)])
-    rgb = first_layer_rgb(w)
-    assert rgb.shape == (2, 3, 3, 3)
-    np.testing.assert_allclose(rgb[0], (np.arange(27.0).reshape(3, 3, 3) / 26).transpose(1, 2, 0))
-    np.testing.assert_allclose(rgb[1], 0.5)  # a constant filter is mid-grey
-    with pytest.raises(ValueError):
-        first_layer_rgb(np.zeros((4, 8, 3, 3)))
 
 
 # -------------------------------------------------------------------------- activations

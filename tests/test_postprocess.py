@@ -85,7 +85,8 @@ def test_every_completed_trial_is_interpreted(trained_sweep, tmp_path):
             maps = a["cam"][meth]
             assert maps.shape == (10, 32, 32) and maps.min() >= 0 and maps.max() <= 1
         # untrained and trained first-layer filters differ; the init checkpoint was used
-        assert not np.allclose(a["filters"]["init"]["first_rgb"], a["filters"]["trained"]["first_rgb"])
+        assert not np.allclose(a["filters"]["init"]["first"], a["filters"]["trained"]["first"])
+        assert a["filters"]["trained"]["first"].shape[1:] == (3, 3, 3)  # raw conv1 weights (out, 3, 3, 3)
         assert "tsne" in skipped or a["embedding"]["tsne"].shape == (len(a["embedding"]["labels"]), 2)
         assert a["metrics"]["confusion"].sum() == len(a["embedding"]["labels"])
         assert ("bn" in a) == (over["variant"] == "bn")

@@ -258,15 +258,40 @@ def test_bn_histograms_empty_is_an_error():
         viz.bn_histograms({})
 
 
-def test_filters_rgb_mosaics_clipped_to_unit_range():
-    trained = rng().random((8, 3, 3, 3)) * 1.4 - 0.2
-    fig = viz.filters_rgb(rng().random((8, 3, 3, 3)), trained)
+def test_weights_rgb_is_one_scale_symmetric_about_zero():
+    w = np.stack([np.arange(-13.0, 14.0).reshape(3, 3, 3), np.full((3, 3, 3), 2.0), np.zeros((3, 3, 3))])
+    rgb = viz.weights_rgb(w)
+    assert rgb.shape == (3, 3, 3, 3)
+    # One scale (13, the largest |w|) for every filter: 0 is grey, +-13 full, the constant 2 is
+    # 0.5 + 1/13, not stretched to its own range as a per-filter scale would.
+    np.testing.assert_allclose(rgb[0], (0.5 + 0.5 * np.arange(-13.0, 14.0).reshape(3, 3, 3) / 13).transpose(1, 2, 0))
+    np.testing.assert_allclose(rgb[1], 0.5 + 1 / 13)
+    np.testing.assert_allclose(rgb[2], 0.5)
+    np.testing.assert_allclose(viz.weights_rgb(w, scale=26)[0, 0, 0, 0], 0.25)  # an explicit shared scale
+    assert viz.weights_rgb(w, scale=1).max() == 1  # beyond the scale: clipped
+    np.testing.assert_allclose(viz.weights_rgb(np.zeros((2, 3, 3, 3))), 0.5)  # all zero: grey, no NaN
+    with pytest.raises(ValueError):
+        viz.weights_rgb(np.zeros((4, 8, 3, 3)))
+
+
+def test_filters_rgb_puts_both_models_on_one_scale_and_shows_the_difference():
+    init = rng().normal(size=(8, 3, 3, 3)) * 0.1
+    trained = init * 4  # training only made each filter stronger
+    fig = viz.filters_rgb(init, trained)
     axes = image_axes(fig)
-    assert [ax.get_title().split()[0] for ax in axes] == ["untrained", "trained"]
-    mosaic = axes[1].images[0].get_array()
-    assert mosaic.shape == (11, 11, 3)  # 3x3 grid of 3x3 patches with 1-pixel gaps
-    assert mosaic.min() >= 0 and mosaic.max() <= 1
-    np.testing.assert_allclose(mosaic[4:7, 4:7], np.clip(trained[4], 0, 1))
+    assert [ax.get_title().split(" (")[0] for ax in axes] == ["untrained", "trained", "trained - untrained"]
+    mosaics = [ax.images[0].get_array() for ax in axes]
+    assert mosaics[1].shape == (11, 11, 3)  # 3x3 grid of 3x3 patches with 1-pixel gaps
+    m = np.abs(trained).max()
+    np.testing.assert_allclose(mosaics[1][4:7, 4:7], viz.weights_rgb(trained[4:5], m)[0], atol=1e-6)
+    np.testing.assert_allclose(mosaics[0][4:7, 4:7], viz.weights_rgb(init[4:5], m)[0], atol=1e-6)
+    # On the shared scale the untrained filters sit 4x closer to grey than the trained ones; a
+    # per-filter scale would draw the two the same.
+    dev = [np.abs(mz[:3, :3] - 0.5).max() for mz in mosaics[:2]]
+    assert dev[1] > 3.9 * dev[0]
+    np.testing.assert_allclose(mosaics[2][4:7, 4:7], viz.weights_rgb((trained - init)[4:5], np.abs(trained - init).max())[0],
+                               atol=1e-6)  # the difference on a scale of its own
+    assert f"{m:.3g}" in axes[1].get_xlabel()
 
 
 def test_filter_grid_shares_one_scale_and_shows_the_difference():

@@ -246,8 +246,8 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
     first, last = trained.conv_layers()[0][0], trained.last_conv()[0]
     a["filters"], a["fmaps"] = {}, {}
     for tag, net in (("init", init), ("trained", trained)):
-        a["filters"][tag] = {"first_rgb": filters.first_layer_rgb(filters.conv_weights(net, first)),
-                             "last": filters.conv_weights(net, last)[:c, :c]}
+        # Raw weights: the figure puts both models on one colour scale.
+        a["filters"][tag] = {"first": filters.conv_weights(net, first), "last": filters.conv_weights(net, last)[:c, :c]}
         a["fmaps"][tag] = {"first": filters.feature_maps(net, first, x)[:, :c],
                            "last": filters.feature_maps(net, last, x)[:, :c]}
     a["fmaps"]["layers"] = [first, last]
@@ -429,8 +429,7 @@ def draw_trial(out: Path, a: dict[str, Any], m: dict[str, Any], history: dict[st
     classes, p = a["classes"], a["probes"]
     figs = {
         "curves": lambda: viz.curves(history),
-        "filters_first": lambda: viz.filters_rgb(a["filters"]["init"]["first_rgb"],
-                                                 a["filters"]["trained"]["first_rgb"]),
+        "filters_first": lambda: viz.filters_rgb(a["filters"]["init"]["first"], a["filters"]["trained"]["first"]),
         "filters_last": lambda: viz.filter_grid(a["filters"]["init"]["last"], a["filters"]["trained"]["last"],
                                                 a["fmaps"]["layers"][1]),
         "fmaps_first": lambda: viz.feature_maps(p["images"], a["fmaps"]["init"]["first"],

@@ -101,15 +101,43 @@ def bn_histograms(hists: dict[str, dict]) -> Figure:
     return fig
 
 
-def filters_rgb(init_rgb: np.ndarray, trained_rgb: np.ndarray) -> Figure:
-    """First-layer filters (out, kh, kw, 3) in [0, 1] as RGB patches, untrained beside trained."""
-    fig, axes = _figure(10, 5.4, 1, 2, left=0.2, right=0.2, top=0.75, bottom=0.2, wspace=0.4)
-    for ax, w, title in zip(axes[0], (init_rgb, trained_rgb), ("untrained", "trained")):
-        w = np.clip(np.asarray(w, dtype=float), 0, 1)
-        ax.imshow(_tile(w, ncols=math.ceil(math.sqrt(len(w))), fill=1.0), interpolation="nearest")
-        ax.set_title(f"{title} ({len(w)} filters, {w.shape[1]}x{w.shape[2]})")
+def weights_rgb(weights: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """First-layer filters (out, 3, kh, kw) as RGB patches (out, kh, kw, 3) in [0, 1].
+
+    One scale symmetric about 0 for every filter: a weight ``w`` shows as ``0.5 + 0.5 * w / scale``
+    in its colour channel, so a zero weight is mid-grey, a filter's colour balance is kept, and
+    filters (or two models drawn with the same ``scale``) compare by strength as well as by
+    pattern. ``scale`` defaults to the largest |weight|; values beyond it are clipped. Channels-last,
+    so each patch goes straight to ``imshow``.
+    """
+    w = np.asarray(weights, dtype=np.float32)
+    if w.ndim != 4 or w.shape[1] != 3:
+        raise ValueError(f"weights: expected (out, 3, kh, kw) of a first conv layer, got {w.shape}")
+    if scale is None:
+        scale = float(np.abs(w).max()) if w.size else 0.0
+    if not scale > 0:  # all zero (or an explicit 0): everything is mid-grey
+        scale = 1.0
+    return np.clip(0.5 + 0.5 * w / scale, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
+
+
+def filters_rgb(init_w: np.ndarray, trained_w: np.ndarray) -> Figure:
+    """First-layer filters (out, 3, kh, kw) as RGB patches: untrained and trained on one colour
+    scale symmetric about 0 (grey = 0), so what training changed in strength shows, then their
+    difference (trained - untrained) on its own scale."""
+    init_w, trained_w = np.asarray(init_w, dtype=float), np.asarray(trained_w, dtype=float)
+    shared = _symmetric(init_w, trained_w)
+    diff = trained_w - init_w
+    panels = ((init_w, "untrained", shared), (trained_w, "trained", shared),
+              (diff, "trained - untrained", _symmetric(diff)))
+    fig, axes = _figure(15, 5.4, 1, 3, left=0.2, right=0.2, top=0.75, bottom=0.45, wspace=0.4)
+    for ax, (w, title, m) in zip(axes[0], panels):
+        rgb = weights_rgb(w, m)
+        ax.imshow(_tile(rgb, ncols=math.ceil(math.sqrt(len(rgb))), fill=1.0), interpolation="nearest")
+        ax.set_title(f"{title} ({len(rgb)} filters, {rgb.shape[1]}x{rgb.shape[2]})")
+        ax.set_xlabel(f"grey = 0, full colour = ±{m:.3g}", fontsize=8)
         _bare(ax)
-    fig.suptitle("first conv layer filters (RGB)", y=1 - 0.08 / fig.get_figheight(), va="top")
+    fig.suptitle("first conv layer filters (RGB; untrained and trained on one scale)",
+                 y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig
 
 

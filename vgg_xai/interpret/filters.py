@@ -22,21 +22,6 @@ def conv_weights(model: nn.Module, layer_name: str) -> np.ndarray:
     return m.weight.detach().cpu().numpy().copy()
 
 
-def first_layer_rgb(weights: np.ndarray) -> np.ndarray:
-    """First-layer filters (out, 3, kh, kw) as RGB patches (out, kh, kw, 3) in [0, 1].
-
-    Each filter is min-max scaled over all its values together, so its colour balance is kept;
-    channels-last so each patch goes straight to ``imshow``. A constant filter shows as mid-grey.
-    """
-    w = np.asarray(weights, dtype=np.float32)
-    if w.ndim != 4 or w.shape[1] != 3:
-        raise ValueError(f"weights: expected (out, 3, kh, kw) of a first conv layer, got {w.shape}")
-    lo = w.min(axis=(1, 2, 3), keepdims=True)
-    span = w.max(axis=(1, 2, 3), keepdims=True) - lo
-    scaled = np.where(span > 0, (w - lo) / np.where(span > 0, span, 1), 0.5)
-    return scaled.transpose(0, 2, 3, 1).astype(np.float32)
-
-
 def feature_maps(model: nn.Module, layer_name: str, images: torch.Tensor) -> np.ndarray:
     """Output (N, C, H, W) of a layer of ``model.features`` for normalized images (N, 3, H, W);
     for a conv layer its raw output, before BatchNorm and ReLU. Model in eval mode."""
