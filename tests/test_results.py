@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,7 +135,8 @@ def test_csv_reads_back_to_the_trials_numbers(sweep, capsys):
     rc, out, err = run(capsys, sweep, "--format", "csv")
     assert rc == 0, err
     lines = list(csv.DictReader(io.StringIO(out)))
-    assert list(lines[0]) == ["variant", "schedule", "metric", "mean", "std", "n", "of", "degenerate"]
+    assert list(lines[0]) == ["variant", "schedule", "metric", "mean", "std", "n", "of", "degenerate",
+                              "interpretation_failed"]
     assert {r["degenerate"] for r in lines} == {"0"}
     want = _expected(ACC)
     assert {(r["variant"], r["schedule"]) for r in lines} == set(want)
@@ -317,7 +319,7 @@ def test_tables_name_their_metric_and_print_counts_whole(sweep, tmp_path, capsys
     assert rc == 0 and out.startswith("wall_s: mean ± std over seeds") and "| 12.5 ± 0.0 |" in out
     sweep_copy, _ = make_sweep(tmp_path)
     md = (sweep_copy / "tables" / "accuracy.md").read_text()
-    assert "| completed |  |  | 3 | 0.6000 | 2 | 0.6100 |" in md and "| 12.5 |" in md and "12.5000" not in md
+    assert "| completed |  | done |  | 3 | 0.6000 | 2 | 0.6100 |" in md and "| 12.5 |" in md and "12.5000" not in md
 
 
 def test_float32_values_are_written_by_their_shortest_decimal(tmp_path, capsys):
@@ -349,6 +351,49 @@ def test_float32_values_are_written_by_their_shortest_decimal(tmp_path, capsys):
     assert rows["plain-lr1e-3-s1"]["best_valid_acc"] == repr(0.6325 - 0.01)  # float64: as it is
     saved = json.loads(texts[1])["rows"]
     assert next(r for r in saved if r["trial_id"] == "plain-lr1e-3-s0")["best_valid_acc"] == 0.3
+
+
+def test_a_failed_interpretation_is_named_in_every_table(sweep, capsys):
+    """NOT_INTERPRETED completed, but its interpretation failed (interpret/error.txt): a missing
+    value in an interpretation table must say so, not read as never computed."""
+    failed_note = f"no value for {NOT_INTERPRETED}: interpretation failed: ValueError: bad checkpoint"
+    rows = {r["trial_id"]: r for r in csv.DictReader(io.StringIO((sweep / "tables" / "accuracy.csv").read_text()))}
+    assert rows[NOT_INTERPRETED]["interpretation"] == "failed"
+    assert rows[NOT_INTERPRETED]["note"] == "interpretation failed: ValueError: bad checkpoint"
+    assert rows["plain-lr1e-3-s0"]["interpretation"] == "done" and rows[FAILED.trial_id]["interpretation"] == ""
+    md = (sweep / "tables" / "accuracy.md").read_text()
+    pivots = md.split("## Trials")[0]
+    accuracy, interp = pivots.split("## Interpretation metrics")
+    assert failed_note not in accuracy  # the test accuracy is there: nothing is missing
+    assert interp.count(failed_note) == len(re.findall(r"^### ", interp, re.M)) == 7  # one note per pivot
+
+    rc, out, err = run(capsys, sweep, "--metric", "ari")
+    assert rc == 0, err
+    # The cell averages the one seed that has a value (1/2) and the note says where the other went.
+    assert f"{ARI(0.6903):.4f} (1/2)" in out and failed_note in out
+    rc, out, _ = run(capsys, sweep, "--metric", "ari", "--format", "json")
+    p = json.loads(out)["pivot"]
+    assert p["cells"]["bn_augment|alternate"]["failed"] == [NOT_INTERPRETED]
+    assert p["failed"] == {NOT_INTERPRETED: "interpretation failed: ValueError: bad checkpoint"}
+    rc, out, _ = run(capsys, sweep, "--metric", "ari", "--format", "csv")
+    counts = {(r["variant"], r["schedule"]): r["interpretation_failed"] for r in csv.DictReader(io.StringIO(out))}
+    assert counts[("bn_augment", "alternate")] == "1" and set(counts.values()) == {"0", "1"}
+    rc, out, _ = run(capsys, sweep, "--metric", "ari", "--format", "latex")
+    assert "{\\footnotesize no value for bn\\_augment-lralt-s1: interpretation failed" in out
+    rc, out, _ = run(capsys, sweep)  # the accuracy pivot: no such note
+    assert "no value for" not in out
+
+
+def test_a_cell_whose_only_interpretation_failed_says_so(tmp_path, capsys):
+    sweep, _ = make_sweep(tmp_path)
+    other = sweep / "trials" / "bn_augment-lralt-s0" / "interpret"
+    (other / "metrics.json").unlink()
+    (other / "error.txt").write_text("WorkerCrashedError: the process running it died\n")
+    write_tables(sweep)
+    md = (sweep / "tables" / "accuracy.md").read_text()
+    assert "| bn_augment | " in md and "| interpretation failed |" in md.split("## Trials")[0]
+    rc, out, _ = run(capsys, sweep, "--metric", "ari", "--format", "latex")
+    assert rc == 0 and "-- \\\\" in out  # LaTeX keeps its dash for a missing value
 
 
 # ---------------------------------------------------------------------------- degenerate trials, new columns
@@ -401,8 +446,8 @@ def test_degenerate_trials_are_marked_in_every_table(tmp_path, capsys):
     assert f"| plain | {mean:.4f} ± {std:.4f} † |" in md and footnote in md
     assert md.count("†") == 2 * md.count(footnote) == 16  # a cell and its note: test_acc and 7 interpretation pivots
     assert "### ari\n" in md and f"| plain | {ARI(0.6325):.4f} (1/2) |" in md  # the degenerate trial: no ARI, no mark
-    assert f"| {DEGENERATE} | plain | const_1e-3 | 0 | completed | yes | degenerate: {REASON} |" in md
-    assert "| plain-lr1e-3-s1 | plain | const_1e-3 | 1 | completed | no |  |" in md
+    assert f"| {DEGENERATE} | plain | const_1e-3 | 0 | completed | yes | done | degenerate: {REASON} |" in md
+    assert "| plain-lr1e-3-s1 | plain | const_1e-3 | 1 | completed | no | done |  |" in md
 
     rc, out, err = run(capsys, sweep)
     assert rc == 0, err

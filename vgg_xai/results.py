@@ -35,7 +35,8 @@ INTERPRET_COLUMNS = ["ari", "nmi", "purity", "ece",
 # The ones pivoted and ranked (the rest are read with them: errors, spreads, counts).
 INTERPRET_METRICS = ["ari", "nmi", "purity", "ece", "deletion_auc", "deletion_auc_random", "insertion_auc",
                      "insertion_auc_random", "sanity_rho", "sanity_abs_rho"]
-ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "degenerate", "note", "epochs",
+# interpretation: done, failed (interpret/error.txt says why) or empty (not run yet).
+ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "degenerate", "interpretation", "note", "epochs",
                "best_valid_acc", "best_epoch", "test_acc", *INTERPRET_COLUMNS, "wall_s"]
 # The columns `pivot` aggregates over seeds.
 METRICS = ["test_acc", "best_valid_acc", "best_epoch", "epochs", *INTERPRET_METRICS, "wall_s"]
@@ -68,12 +69,28 @@ def trial_status(trial_dir: Path) -> str:
     return "running" if (trial_dir / "checkpoint.pt").is_file() else "pending"
 
 
+def _last_line(error_file: Path) -> str:
+    """The last non-blank line of an error file (a traceback's exception line); "failed" if none."""
+    lines = [x for x in error_file.read_text(errors="replace").splitlines() if x.strip()]
+    return lines[-1].strip() if lines else "failed"
+
+
 def trial_note(trial_dir: Path, status: str) -> str:
     """Why a trial has no result: the last line of its error (failed), or that it never started."""
     if status == "failed":
-        lines = [x for x in (trial_dir / "error.txt").read_text(errors="replace").splitlines() if x.strip()]
-        return lines[-1].strip() if lines else "failed"
+        return _last_line(trial_dir / "error.txt")
     return "not started" if status == "pending" else ""
+
+
+def interpretation_state(trial_dir: Path) -> tuple[str, str]:
+    """(done | failed | "" where post-processing has not run on it, why it failed): a metrics.json is
+    a finished interpretation; an interpret/error.txt without one, a failed one."""
+    out = trial_dir / "interpret"
+    if (out / "metrics.json").is_file():
+        return "done", ""
+    if (out / "error.txt").is_file():
+        return "failed", f"interpretation failed: {_last_line(out / 'error.txt')}"
+    return "", ""
 
 
 def read_interpretation(trial_dir: Path) -> dict[str, Any] | None:
@@ -138,10 +155,11 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
         interp = _interpret_columns(d)
         reasons = interp.pop("reasons", [])
         why = "degenerate" + (": " + "; ".join(reasons) if reasons else "") if interp["degenerate"] else ""
-        note = trial_note(d, status) or why
+        interpretation, failure = interpretation_state(d)
+        note = trial_note(d, status) or why or failure
         row: dict[str, Any] = {"trial_id": d.name, "variant": cfg["variant"], "lr_schedule": cfg["lr_schedule"],
                                "seed": cfg["seed"], "status": status, "degenerate": interp.pop("degenerate"),
-                               "note": note, "epochs": 0, "best_valid_acc": math.nan, "best_epoch": 0,
+                               "interpretation": interpretation, "note": note, "epochs": 0, "best_valid_acc": math.nan, "best_epoch": 0,
                                "test_acc": math.nan, **interp, "wall_s": math.nan}
         history = d / "history.csv"
         if history.is_file():  # a running trial: the epochs it has done so far
@@ -192,7 +210,8 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
 
     Only completed trials count; n is how many had a value, of how many trials the cell holds. A cell's
     ``degenerate`` lists the degenerate trials among the n, and the pivot's ``degenerate`` says why
-    each of them is (trial id -> reasons).
+    each of them is (trial id -> reasons). For an interpretation metric, a cell's ``failed`` lists its
+    trials whose interpretation failed, and the pivot's ``failed`` says why (trial id -> error line).
     """
     if metric not in METRICS:
         raise UserError(f"metric: {metric!r} is not one of {', '.join(METRICS)}")
@@ -200,6 +219,7 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
     schedules = sorted({r["lr_schedule"] for r in rows}, key=_known_first(list(SCHEDULES)))
     cells: dict[str, dict[str, Any]] = {}
     why: dict[str, str] = {}
+    failures: dict[str, str] = {}
     for v in variants:
         for s in schedules:
             group = [r for r in rows if r["variant"] == v and r["lr_schedule"] == s]
@@ -207,13 +227,18 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
             vals = [_number(r[metric]) for r in counted]
             degenerate = [r["trial_id"] for r in counted if r.get("degenerate") is True]
             why.update({r["trial_id"]: _reasons(r) for r in counted if r["trial_id"] in degenerate})
+            failed = [r["trial_id"] for r in group
+                      if metric in INTERPRET_METRICS and r.get("interpretation") == "failed"]
+            failures.update({r["trial_id"]: str(r.get("note") or "interpretation failed") for r in group
+                             if r["trial_id"] in failed})
             cells[f"{v}|{s}"] = {
                 "mean": float(np.mean(vals)) if vals else None,
                 "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None),
                 "n": len(vals), "of": len(group), "statuses": sorted({r["status"] for r in group}),
-                "degenerate": degenerate,
+                "degenerate": degenerate, "failed": failed,
             }
-    return {"metric": metric, "variants": variants, "schedules": schedules, "cells": cells, "degenerate": why}
+    return {"metric": metric, "variants": variants, "schedules": schedules, "cells": cells, "degenerate": why,
+            "failed": failures}
 
 
 def _number(v: Any) -> float | None:
@@ -254,12 +279,15 @@ def cell_text(c: dict[str, Any], pm: str = " ± ", missing: str | None = None, m
               mark: str = f" {DAGGER}") -> str:
     """One pivot cell of ``metric`` as text: mean, ``pm`` std when there are several seeds, (n/of) when
     some trials have no value, ``mark`` when a degenerate trial is among them; ``missing`` (default: the
-    trials' statuses, n/a where they all completed) when none has a value."""
+    trials' statuses, "interpretation failed" where that is why, n/a where they all completed) when
+    none has a value."""
     if c["of"] == 0:
         return ""
     if c["mean"] is None:
         if missing is not None:
             return missing
+        if c.get("failed") and c["statuses"] == ["completed"]:
+            return "interpretation failed"
         return "n/a" if c["statuses"] == ["completed"] else "/".join(c["statuses"])
     text = fmt_value(c["mean"], metric) + (f"{pm}{fmt_value(c['std'], metric)}" if c["n"] > 1 else "")
     return text + (f" ({c['n']}/{c['of']})" if c["n"] < c["of"] else "") + (mark if c.get("degenerate") else "")
@@ -267,11 +295,14 @@ def cell_text(c: dict[str, Any], pm: str = " ± ", missing: str | None = None, m
 
 def pivot_notes(p: dict[str, Any]) -> list[str]:
     """The lines under a pivot that explain its degenerate mark, one per degenerate trial in it: its
-    first finding (the trial's note and the report hold them all; a line must fit a terminal)."""
+    first finding (the trial's note and the report hold them all; a line must fit a terminal); then
+    one per trial whose interpretation failed, so a missing value is not read as never computed."""
     out = []
     for t, r in (p.get("degenerate") or {}).items():
         first, *more = r.split("; ")
         out.append(f"{DAGGER} includes a degenerate trial: {t} ({first}{f'; +{len(more)} more' if more else ''})")
+    for t, r in (p.get("failed") or {}).items():
+        out.append(f"no value for {t}: {r} (trials/{t}/interpret/error.txt; `vgg-xai postprocess` retries it)")
     return out
 
 
@@ -306,12 +337,13 @@ def pivot_csv(p: dict[str, Any]) -> str:
     """The pivot in long form, one line a cell; floats at full precision (they read back equal)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["variant", "schedule", "metric", "mean", "std", "n", "of", "degenerate"])
+    w.writerow(["variant", "schedule", "metric", "mean", "std", "n", "of", "degenerate", "interpretation_failed"])
     for v in p["variants"]:
         for s in p["schedules"]:
             c = p["cells"][f"{v}|{s}"]
             w.writerow([v, s, p["metric"], "" if c["mean"] is None else repr(c["mean"]),
-                        "" if c["std"] is None else repr(c["std"]), c["n"], c["of"], len(c.get("degenerate") or [])])
+                        "" if c["std"] is None else repr(c["std"]), c["n"], c["of"], len(c.get("degenerate") or []),
+                        len(c.get("failed") or [])])
     return buf.getvalue()
 
 
@@ -335,8 +367,9 @@ def pivot_latex(p: dict[str, Any]) -> str:
         lines.append(" & ".join([_latex_escape(v)] + cells) + " \\\\")
     lines.append("\\bottomrule")
     for note in pivot_notes(p):
+        mark = "$^\\dagger$ " if note.startswith(DAGGER) else ""
         text = _latex_escape(note.removeprefix(DAGGER).strip())
-        lines.append(f"\\multicolumn{{{1 + len(p['schedules'])}}}{{l}}{{\\footnotesize $^\\dagger$ {text}}} \\\\")
+        lines.append(f"\\multicolumn{{{1 + len(p['schedules'])}}}{{l}}{{\\footnotesize {mark}{text}}} \\\\")
     return "\n".join(lines + ["\\end{tabular}"]) + "\n"
 
 
