@@ -55,10 +55,15 @@ REFUSED_HERE = {
                                   "set resources.gpu: 0 or run where there are GPUs",
 }
 # README commands this module does not run, and why; each is reported as a skip with its reason.
+# The README's seed-to-seed spread of the CPU study: two of its cells over five seeds.
+SEEDS = ("vgg-xai sweep jobs/cpu.yaml --data PATH/TO/cifar10 --set name=cpu-seeds --set 'grid.variant=[plain, bn]' "
+         "--set 'grid.lr_schedule=[const_1e-3]' --set 'grid.seed=[0, 1, 2, 3, 4]'")
 NOT_RUN_HERE = {
     "vgg-xai sweep jobs/cpu.yaml --data PATH/TO/cifar10":
-        "the CPU study trains 15 trials on 40,000 images (half an hour or more on 2 cores); "
+        "the CPU study trains 15 trials on 40,000 images (about 25 minutes on 2 cores); "
         "test_the_cpu_study_plans checks its spec, and the smoke study runs the same code",
+    SEEDS: "it trains 10 trials of the CPU study (about a quarter of an hour on 2 cores); "
+           "test_the_cpu_study_plans checks what it plans",
     "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu":
         "it downloads torch's CPU build from download.pytorch.org (tests talk only to 127.0.0.1) and would "
         "replace this environment's torch",
@@ -216,6 +221,12 @@ def test_the_cpu_study_plans(walk):
 
     spec = JobSpec.from_yaml(REPO / "jobs" / "cpu.yaml")
     assert spec.data.get("train_size") is None  # the full 40,000-image training split
+    r = walk.run(SEEDS.replace("PATH/TO/cifar10", str(SHARED_DATA)).replace(" --set", " --dry-run --set", 1))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("sweep cpu-seeds: 10 trials, 1 CPU and 0 GPU each"), r.stdout
+    trials = [x.split()[0] for x in r.stdout.splitlines() if x.endswith("[to run]")]
+    assert trials == [f"{v}-lr1e-3-s{k}" for v in ("plain", "bn") for k in range(5)], r.stdout
+    assert r.stdout.count("vgg11_cifar width 0.125 mlp epochs 3  [to run]") == 10, r.stdout
 
 
 def test_overrides_with_set(walk):
