@@ -11,6 +11,7 @@ views know nothing of Ray but what these functions take and give.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,17 +352,51 @@ def tune_grid(trainable: Callable[[dict[str, Any]], None], items: list[dict[str,
         def on_trial_error(self, iteration, trials, trial, **info):
             on_event(name_of(trial), "error", {})
 
-    tuner = tune.Tuner(
-        tune.with_resources(run_item, resources),
-        param_space={"trial": tune.grid_search(items)},
-        tune_config=tune.TuneConfig(trial_name_creator=name_of, trial_dirname_creator=name_of,
-                                    reuse_actors=True),  # no new worker (and torch import) per trial
-        run_config=tune.RunConfig(
-            name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
-            failure_config=tune.FailureConfig(max_failures=retries), verbose=0, callbacks=[Events()],
-        ),
-    )
-    return {Path(r.path).name: user_error(r.error) or r.error for r in tuner.fit() if r.error is not None}
+        def on_step_end(self, iteration, trials, **info):
+            if interrupted:
+                raise KeyboardInterrupt
+
+    with _sigint_noted() as interrupted:  # on_step_end reads it
+        tuner = tune.Tuner(
+            tune.with_resources(run_item, resources),
+            param_space={"trial": tune.grid_search(items)},
+            tune_config=tune.TuneConfig(trial_name_creator=name_of, trial_dirname_creator=name_of,
+                                        reuse_actors=True),  # no new worker (and torch import) per trial
+            run_config=tune.RunConfig(
+                name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
+                failure_config=tune.FailureConfig(max_failures=retries), verbose=0, callbacks=[Events()],
+            ),
+        )
+        results = tuner.fit()
+    if interrupted:  # a Ctrl-C whose KeyboardInterrupt did not come through Tune: stop now
+        raise KeyboardInterrupt
+    return {Path(r.path).name: user_error(r.error) or r.error for r in results if r.error is not None}
+
+
+@contextlib.contextmanager
+def _sigint_noted() -> Iterator[list[int]]:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is also noted in the list yielded (a list, not
+    an Event: Tune pickles its callbacks, which read it).
+
+    Ray's C++ core runs Python's signal handlers while it blocks and turns the KeyboardInterrupt
+    into a status of its own; where a caller drops that status, the interrupt is gone and the
+    sweep would run on to its end. The note outlives it: Tune's next step (see tune_grid's
+    on_step_end) and the end of the run raise it again. Off the main thread, nothing changes.
+    """
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        noted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def map_tasks(fn: Callable[..., Any], calls: list[tuple], *, workers: int, address: str | None = None,
