@@ -289,8 +289,8 @@ def test_filters_rgb_puts_both_models_on_one_scale_and_shows_the_difference():
     # per-filter scale would draw the two the same.
     dev = [np.abs(mz[:3, :3] - 0.5).max() for mz in mosaics[:2]]
     assert dev[1] > 3.9 * dev[0]
-    np.testing.assert_allclose(mosaics[2][4:7, 4:7], viz.weights_rgb((trained - init)[4:5], np.abs(trained - init).max())[0],
-                               atol=1e-6)  # the difference on a scale of its own
+    diff = trained - init  # on a scale of its own
+    np.testing.assert_allclose(mosaics[2][4:7, 4:7], viz.weights_rgb(diff[4:5], np.abs(diff).max())[0], atol=1e-6)
     assert f"{m:.3g}" in axes[1].get_xlabel()
 
 

@@ -36,8 +36,8 @@ INTERPRET_COLUMNS = ["ari", "nmi", "purity", "ece",
 INTERPRET_METRICS = ["ari", "nmi", "purity", "ece", "deletion_auc", "deletion_auc_random", "insertion_auc",
                      "insertion_auc_random", "sanity_rho", "sanity_abs_rho"]
 # interpretation: done, failed (interpret/error.txt says why) or empty (not run yet).
-ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "degenerate", "interpretation", "note", "epochs",
-               "best_valid_acc", "best_epoch", "test_acc", *INTERPRET_COLUMNS, "wall_s"]
+ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "degenerate", "interpretation", "note",
+               "epochs", "best_valid_acc", "best_epoch", "test_acc", *INTERPRET_COLUMNS, "wall_s"]
 # The columns `pivot` aggregates over seeds.
 METRICS = ["test_acc", "best_valid_acc", "best_epoch", "epochs", *INTERPRET_METRICS, "wall_s"]
 NUMERIC_COLUMNS = [*METRICS, *(c for c in INTERPRET_COLUMNS if c not in METRICS)]
@@ -159,8 +159,9 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
         note = trial_note(d, status) or why or failure
         row: dict[str, Any] = {"trial_id": d.name, "variant": cfg["variant"], "lr_schedule": cfg["lr_schedule"],
                                "seed": cfg["seed"], "status": status, "degenerate": interp.pop("degenerate"),
-                               "interpretation": interpretation, "note": note, "epochs": 0, "best_valid_acc": math.nan, "best_epoch": 0,
-                               "test_acc": math.nan, **interp, "wall_s": math.nan}
+                               "interpretation": interpretation, "note": note, "epochs": 0,
+                               "best_valid_acc": math.nan, "best_epoch": 0, "test_acc": math.nan, **interp,
+                               "wall_s": math.nan}
         history = d / "history.csv"
         if history.is_file():  # a running trial: the epochs it has done so far
             done = list(csv.DictReader(history.open()))

@@ -113,9 +113,8 @@ def weights_rgb(weights: np.ndarray, scale: float | None = None) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float32)
     if w.ndim != 4 or w.shape[1] != 3:
         raise ValueError(f"weights: expected (out, 3, kh, kw) of a first conv layer, got {w.shape}")
-    if scale is None:
-        scale = float(np.abs(w).max()) if w.size else 0.0
-    if not scale > 0:  # all zero (or an explicit 0): everything is mid-grey
+    scale = _symmetric(w) if scale is None else scale  # all zero: 1, everything mid-grey
+    if not scale > 0:
         scale = 1.0
     return np.clip(0.5 + 0.5 * w / scale, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
 
