@@ -132,6 +132,10 @@ def test_a_crashed_analysis_fails_alone(postprocessed):
     rows = {r["trial_id"]: r for r in json.loads((sweep / "tables" / "accuracy.json").read_text())["rows"]}
     assert set(rows) == {COLLAPSED, LEARNING, KILLED}
     assert rows[KILLED]["ari"] is None and isinstance(rows[LEARNING]["ari"], float)
+    assert rows[KILLED]["interpretation"] == "failed" and rows[LEARNING]["interpretation"] == "done"
+    assert rows[KILLED]["note"].startswith("interpretation failed: WorkerCrashedError: the process running it died")
+    md = (sweep / "tables" / "accuracy.md").read_text()
+    assert f"no value for {KILLED}: interpretation failed: WorkerCrashedError" in md.split("## Trials")[0]
     html = (sweep / "report.html").read_text()
     section = html[html.index(f'id="t-{KILLED}"'):]
     section = section[:section.find("<h3", 1)]

@@ -403,7 +403,7 @@ def _trial_section(sweep_dir: Path, r: dict[str, Any], p: dict[str, Any]) -> str
              f'<p class="muted">{html.escape(facts)}<br>{html.escape(ran)}</p>']
     m = read_interpretation(sweep_dir / "trials" / tid)
     if m is None:
-        why = "interpretation failed (see interpret/error.txt)" if (out / "error.txt").is_file() else \
+        why = "interpretation failed (see interpret/error.txt)" if r.get("interpretation") == "failed" else \
             "not interpreted (only completed trials are)"
         return "".join(parts) + f'<p class="muted">{why}</p>'
     parts.append(_banner(m))
