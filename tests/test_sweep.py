@@ -174,6 +174,25 @@ def test_one_ctrl_c_stops_the_sweep_quietly_and_the_rerun_continues(tmp_path, ti
     _no_ray_left()
 
 
+def test_a_ctrl_c_swallowed_on_its_way_up_stays_noted():
+    """What tune_grid relies on when Ray turns a KeyboardInterrupt into a status and drops it: the
+    real SIGINT is noted even though the exception it raised was caught, and the handler the
+    command had before is back afterwards."""
+    from vgg_xai.runtime import _sigint_noted
+
+    before = signal.getsignal(signal.SIGINT)
+    with _sigint_noted() as noted:
+        assert noted == []
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs here and raises
+            raise AssertionError("SIGINT did not interrupt")
+        except KeyboardInterrupt:
+            pass  # swallowed, as a dropped status would be
+        assert noted == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_trial_that_fails_for_good_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_cache):
     spec = _spec(tmp_path, tiny_cache, grid={"variant": ["bn"], "lr_schedule": ["const_1e-3"], "seed": [0, 1]},
                  retries=1)
