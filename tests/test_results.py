@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from PIL import Image
 
@@ -106,7 +107,7 @@ def make_sweep(root: Path) -> tuple[Path, set[str]]:
     put("spec.yaml", "name: seed\n")
     put("report.html", "<html><body>report</body></html>\n")
     write_tables(sweep)
-    small |= {f"tables/accuracy.{ext}" for ext in ("csv", "md", "json")}
+    small |= {f"tables/{name}.{ext}" for name in ("accuracy", "compare") for ext in ("csv", "md", "json")}
     (sweep / "tables" / ".accuracy.csv.tmp77").write_text("partial")
     for rel in ("figures/accuracy.png", "figures/grids/cam_grid.png"):
         _png(sweep / rel)
@@ -135,8 +136,8 @@ def test_csv_reads_back_to_the_trials_numbers(sweep, capsys):
     rc, out, err = run(capsys, sweep, "--format", "csv")
     assert rc == 0, err
     lines = list(csv.DictReader(io.StringIO(out)))
-    assert list(lines[0]) == ["variant", "schedule", "metric", "mean", "std", "n", "of", "degenerate",
-                              "interpretation_failed"]
+    assert list(lines[0]) == ["variant", "schedule", "metric", "mean", "std", "ci_low", "ci_high", "n", "of",
+                              "degenerate", "interpretation_failed"]
     assert {r["degenerate"] for r in lines} == {"0"}
     want = _expected(ACC)
     assert {(r["variant"], r["schedule"]) for r in lines} == set(want)
@@ -147,6 +148,9 @@ def test_csv_reads_back_to_the_trials_numbers(sweep, capsys):
         assert float(r["mean"]) == pytest.approx(mean, rel=1e-14) and float(r["std"]) == pytest.approx(std, rel=1e-12)
         cell = cells[f"{r['variant']}|{r['schedule']}"]
         assert (float(r["mean"]), float(r["std"])) == (cell["mean"], cell["std"])  # full precision, no rounding
+        # the 95% t-interval of the mean over the seeds, as scipy.stats computes it
+        low, high = scipy.stats.t.interval(0.95, n - 1, loc=mean, scale=std / math.sqrt(n))
+        assert (float(r["ci_low"]), float(r["ci_high"])) == (pytest.approx(low, rel=1e-12), pytest.approx(high, rel=1e-12))
     failed_cell = next(r for r in lines if (r["variant"], r["schedule"]) == ("plain", "alternate"))
     assert (failed_cell["n"], failed_cell["of"]) == ("2", "3")
 
@@ -180,8 +184,8 @@ def test_latex_is_a_booktabs_tabular_of_every_cell(sweep, capsys):
 
 def test_default_table_and_markdown(sweep, capsys):
     rc, out, _ = run(capsys, sweep)
-    assert rc == 0 and out.startswith("test_acc: mean ± std over seeds")
-    assert "bn_augment" in out and "alternate" in out and "(2/3)" in out
+    assert rc == 0 and out.startswith("test_acc: mean ± std over seeds [95% t-interval of the mean], n=seeds")
+    assert "bn_augment" in out and "alternate" in out and " n=2/3" in out
     rc, out, _ = run(capsys, sweep, "--format", "md")
     assert rc == 0 and "| variant | const_1e-3 | alternate |" in out and "| plain |" in out
 
@@ -228,7 +232,8 @@ def test_without_trials_it_reads_tables_accuracy_json(sweep, tmp_path, capsys):
     (["{sweep}", "--metric", "accuracy"], "metric: 'accuracy' is not one of test_acc, best_valid_acc"),
     (["{tmp}"], "not a sweep folder (no trials/ or tables/accuracy.json); pass results/<sweep>"),
     (["{tmp}/nowhere"], "not a sweep folder"),
-    (["{sweep}", "extra"], "to copy from a cluster use `vgg-xai results pull SRC DEST`"),
+    # a second folder is pooled with the first: one that is not a sweep folder is named
+    (["{sweep}", "extra"], "extra: not a sweep folder (no trials/ or tables/accuracy.json)"),
     (["pull", "{sweep}"], "results pull: expected SRC DEST"),
     (["pull", "{sweep}", "{tmp}/d", "--format", "csv"], "--format, --metric, --sort and --top are for reading a folder"),
     (["pull", "{sweep}", "{tmp}/d", "--sort", "ari"], "--format, --metric, --sort and --top are for reading a folder"),
@@ -313,10 +318,10 @@ def test_ranked_goes_the_better_way_with_missing_values_last(metric):
 def test_tables_name_their_metric_and_print_counts_whole(sweep, tmp_path, capsys):
     assert format_pivot(pivot(collect_rows(sweep))).splitlines()[0].startswith("test_acc: mean ± std over seeds")
     rc, out, _ = run(capsys, sweep, "--metric", "epochs")
-    assert rc == 0 and out.startswith("epochs: mean ± std over seeds") and "3 ± 0 (2/3)" in out
+    assert rc == 0 and out.startswith("epochs: mean ± std over seeds") and "3 ± 0 [3, 3] n=2/3" in out
     assert "3.0000" not in out
     rc, out, _ = run(capsys, sweep, "--metric", "wall_s", "--format", "md")
-    assert rc == 0 and out.startswith("wall_s: mean ± std over seeds") and "| 12.5 ± 0.0 |" in out
+    assert rc == 0 and out.startswith("wall_s: mean ± std over seeds") and "| 12.5 ± 0.0 [12.5, 12.5] n=2 |" in out
     sweep_copy, _ = make_sweep(tmp_path)
     md = (sweep_copy / "tables" / "accuracy.md").read_text()
     assert "| completed |  | done |  | 3 | 0.6000 | 2 | 0.6100 |" in md and "| 12.5 |" in md and "12.5000" not in md
@@ -370,7 +375,7 @@ def test_a_failed_interpretation_is_named_in_every_table(sweep, capsys):
     rc, out, err = run(capsys, sweep, "--metric", "ari")
     assert rc == 0, err
     # The cell averages the one seed that has a value (1/2) and the note says where the other went.
-    assert f"{ARI(0.6903):.4f} (1/2)" in out and failed_note in out
+    assert f"{ARI(0.6903):.4f} n=1/2" in out and failed_note in out
     rc, out, _ = run(capsys, sweep, "--metric", "ari", "--format", "json")
     p = json.loads(out)["pivot"]
     assert p["cells"]["bn_augment|alternate"]["failed"] == [NOT_INTERPRETED]
@@ -443,20 +448,21 @@ def test_degenerate_trials_are_marked_in_every_table(tmp_path, capsys):
     footnote = f"† includes a degenerate trial: {DEGENERATE} ({REASON})"
     md = (tables / "accuracy.md").read_text()
     mean, std = np.mean(ACC[("plain", "const_1e-3")]), np.std(ACC[("plain", "const_1e-3")], ddof=1)
-    assert f"| plain | {mean:.4f} ± {std:.4f} † |" in md and footnote in md
+    low, high = scipy.stats.t.interval(0.95, 1, loc=mean, scale=std / math.sqrt(2))
+    assert f"| plain | {mean:.4f} ± {std:.4f} [{low:.4f}, {high:.4f}] n=2 † |" in md and footnote in md
     assert md.count("†") == 2 * md.count(footnote) == 16  # a cell and its note: test_acc and 7 interpretation pivots
-    assert "### ari\n" in md and f"| plain | {ARI(0.6325):.4f} (1/2) |" in md  # the degenerate trial: no ARI, no mark
+    assert "### ari\n" in md and f"| plain | {ARI(0.6325):.4f} n=1/2 |" in md  # the degenerate trial: no ARI, no mark
     assert f"| {DEGENERATE} | plain | const_1e-3 | 0 | completed | yes | done | degenerate: {REASON} |" in md
     assert "| plain-lr1e-3-s1 | plain | const_1e-3 | 1 | completed | no | done |  |" in md
 
     rc, out, err = run(capsys, sweep)
     assert rc == 0, err
-    assert f"{mean:.4f} ± {std:.4f} †" in out and out.rstrip().endswith(footnote)
+    assert f"{mean:.4f} ± {std:.4f} [{low:.4f}, {high:.4f}] n=2 †" in out and out.rstrip().endswith(footnote)
     rc, out, _ = run(capsys, sweep, "--format", "csv")
     cells = {(r["variant"], r["schedule"]): r["degenerate"] for r in csv.DictReader(io.StringIO(out))}
     assert cells[("plain", "const_1e-3")] == "1" and set(cells.values()) == {"0", "1"}
     rc, out, _ = run(capsys, sweep, "--format", "latex")
-    assert f"{mean:.4f} $\\pm$ {std:.4f}$^\\dagger$ &" in out
+    assert f"{mean:.4f} $\\pm$ {std:.4f} [{low:.4f}, {high:.4f}] n=2$^\\dagger$ &" in out
     assert "\\multicolumn{3}{l}{\\footnotesize $^\\dagger$ includes a degenerate trial: plain-lr1e-3-s0" in out
     rc, out, _ = run(capsys, sweep, "--format", "json")
     p = json.loads(out)["pivot"]
@@ -659,5 +665,5 @@ def test_a_degenerate_note_under_a_pivot_is_one_short_line():
                "test images (ship); class activation maps of the probe images: gradcam 10 of 10 all zero")
     notes = pivot_notes({"degenerate": {"l2-lr1e-3-s0": reasons, "plain-lr1e-2-s0": "one predicted class"}})
     assert notes == ["† includes a degenerate trial: l2-lr1e-3-s0 (every test image gets the same feature vector "
-                     "(feature std 0); +2 more)",
+                     "(feature std 0); +2 more reasons)",
                      "† includes a degenerate trial: plain-lr1e-2-s0 (one predicted class)"]

@@ -158,14 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     res = sub.add_parser(
         "results", help="print a sweep folder's results table, or pull one from a cluster",
-        usage="vgg-xai results SWEEP_DIR [--format {table,md,csv,json,latex}] [--metric METRIC]\n"
+        usage="vgg-xai results SWEEP_DIR [SWEEP_DIR ...] [--format {table,md,csv,json,latex}] [--metric METRIC]\n"
+              "       vgg-xai results SWEEP_DIR [SWEEP_DIR ...] --compare [--ref-variant V] [--ref-schedule S]\n"
               "       vgg-xai results SWEEP_DIR --sort METRIC [--top N] [--format {table,md,csv,json}]\n"
               "       vgg-xai results pull SRC DEST",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Three forms:\n\n"
+        description="Four forms:\n\n"
                     "  vgg-xai results SWEEP_DIR    print the variant x schedule pivot of a metric (mean ± std\n"
-                    "                               over seeds) of a local sweep folder, read from its trial\n"
-                    "                               folders (or, without trials/, its tables/accuracy.json)\n"
+                    "                               over seeds, the 95% t-interval of the mean, n) of a local\n"
+                    "                               sweep folder, read from its trial folders (or, without\n"
+                    "                               trials/, its tables/accuracy.json); several folders of one\n"
+                    "                               study are pooled\n"
+                    "  vgg-xai results SWEEP_DIR --compare\n"
+                    "                               say which cells differ beyond the noise between seeds:\n"
+                    "                               each variant against a reference variant, each schedule\n"
+                    "                               against a reference schedule, with intervals, Holm-adjusted\n"
+                    "                               p-values, verdicts and the seeds that would decide the rest\n"
                     "  vgg-xai results SWEEP_DIR --sort METRIC [--top N]\n"
                     "                               print one row per trial instead, best first by METRIC\n"
                     "                               (lower first for ece, deletion_auc, sanity_rho, wall_s),\n"
@@ -180,11 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
                "  vgg-xai results results/seed\n"
                "  vgg-xai results results/seed --format latex --metric ari\n"
                "  vgg-xai results results/seed --sort test_acc --top 5\n"
+               "  vgg-xai results results/cpu results/cpu-seeds --compare\n"
                "  vgg-xai results pull HOST:/scratch/me/results/seed ./results/seed\n"
                "(a local folder named pull: write ./pull)")
     res.add_argument("target", metavar="SWEEP_DIR|pull", help="a sweep's results folder, e.g. results/seed; "
                                                               "or the word pull")
-    res.add_argument("paths", nargs="*", metavar="SRC DEST", help="pull only: where from and where to")
+    res.add_argument("paths", nargs="*", metavar="SWEEP_DIR|SRC DEST",
+                     help="more sweep folders, their trials pooled with the first's (the same trial counts once); "
+                          "with pull: where from and where to")
     res.add_argument("--format", choices=("table", "md", "csv", "json", "latex"), default=None,
                      help="table (default: for the terminal), md, csv (long form: variant,schedule,metric,mean,"
                           "std,n,of), json (the pivot and the rows) or latex (a booktabs tabular); with --sort: "
@@ -197,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the trials instead of the pivot, best first by METRIC (any --metric name; "
                           "higher first but for ece, deletion_auc, sanity_rho and wall_s), no value last")
     res.add_argument("--top", type=int, metavar="N", default=None, help="with --sort: only the first N trials")
+    res.add_argument("--compare", action="store_true",
+                     help="compare cells instead: within each schedule every variant against a reference variant, "
+                          "within each variant every schedule against a reference schedule; the difference with its "
+                          "95%% interval, Welch's t (or an exact permutation test), Holm-adjusted p, a verdict "
+                          "(beyond or within seed noise) and the seeds that would decide it (any --metric)")
+    res.add_argument("--ref-variant", metavar="VARIANT", default=None,
+                     help="with --compare: the reference variant (default: the spec's compare.variant, else plain)")
+    res.add_argument("--ref-schedule", metavar="SCHEDULE", default=None,
+                     help="with --compare: the reference schedule (default: the spec's compare.schedule, else "
+                          "const_1e-3)")
     return parser
 
 
@@ -276,7 +297,8 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from .results import load_rows, pull, pull_summary, render, render_ranked
+    from .compare import render_compare, spec_reference
+    from .results import pool_rows, pull, pull_summary, render, render_ranked
 
     if args.target == "pull":
         if len(args.paths) != 2:
@@ -287,19 +309,27 @@ def _cmd_results(args: argparse.Namespace) -> int:
                             "pull first, then run `vgg-xai results DEST --format ...`")
         print(pull_summary(pull(*args.paths)))
         return 0
-    if args.paths:
-        raise UserError(f"results: unexpected argument(s) {' '.join(args.paths)}; "
-                        "to copy from a cluster use `vgg-xai results pull SRC DEST`")
+    dirs = [args.target, *args.paths]  # several sweep folders: their trials pooled
+    if (args.ref_variant or args.ref_schedule) and not args.compare:
+        raise UserError("--ref-variant and --ref-schedule choose the references of --compare; add --compare")
+    if args.compare:
+        if args.sort is not None or args.top is not None:
+            raise UserError("--compare compares cells; --sort and --top rank trials: pass one of them")
+        ref = spec_reference(dirs[0])
+        sys.stdout.write(render_compare(pool_rows(dirs), args.metric or "test_acc", args.format or "table",
+                                        args.ref_variant or ref.get("variant"),
+                                        args.ref_schedule or ref.get("schedule")))
+        return 0
     if args.sort is None:
         if args.top is not None:
             raise UserError(f"--top: ranks trials by --sort METRIC; e.g. --sort test_acc --top {args.top}")
-        sys.stdout.write(render(load_rows(args.target), args.metric or "test_acc", args.format or "table"))
+        sys.stdout.write(render(pool_rows(dirs), args.metric or "test_acc", args.format or "table"))
         return 0
     if args.metric is not None:
         raise UserError("--metric picks the pivot's metric, --sort the one the trials are ranked by; pass one of them")
     if args.top is not None and args.top < 1:
         raise UserError(f"--top: must be >= 1, got {args.top}")
-    sys.stdout.write(render_ranked(load_rows(args.target), args.sort, args.format or "table", top=args.top))
+    sys.stdout.write(render_ranked(pool_rows(dirs), args.sort, args.format or "table", top=args.top))
     return 0
 
 

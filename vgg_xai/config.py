@@ -234,7 +234,9 @@ SECTIONS = {
 }
 DATA_KEYS = ("source", "cache", "split_seed", "train_size", "valid_size", "test_size", "subset_seed")
 RESOURCE_KEYS = ("cpu", "gpu")
-TOP_KEYS = ("name", "data", "model", "grid", "training", "variants", "resources", "retries", "results")
+TOP_KEYS = ("name", "data", "model", "grid", "training", "variants", "resources", "retries", "results", "compare")
+# `compare:` names the reference cells of `vgg-xai results --compare` (it changes no trial).
+COMPARE_KEYS = ("variant", "schedule")
 ID_AXES = ("variant", "lr_schedule", "seed")  # always part of a trial id
 
 
@@ -251,6 +253,7 @@ class JobSpec:
     gpu: float = 0.0
     retries: int = 2
     results: str = "results"
+    compare: dict[str, str] | None = None  # the reference variant and schedule of `results --compare`
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> "JobSpec":
@@ -337,7 +340,8 @@ class JobSpec:
                 raise UserError(f"{where}: {k}: an empty list gives no trials")
         fixed = {k: v for k, v in settings.items() if not isinstance(v, list)}
         spec = cls(name=name, data=data, fixed=fixed, axes=axes, variants=dict(variants), cpu=float(cpu),
-                   gpu=float(gpu), retries=retries, results=_path(where, "results", d.get("results", "results")))
+                   gpu=float(gpu), retries=retries, results=_path(where, "results", d.get("results", "results")),
+                   compare=_compare(where, d.get("compare"), settings))
         spec.trials("/dev/null", where=where)  # every trial must be a valid TrialConfig
         return spec
 
@@ -368,7 +372,8 @@ class JobSpec:
         """The resolved spec as YAML-able data (saved as spec.yaml with the results)."""
         return {"name": self.name, "data": dict(self.data), "fixed": dict(self.fixed),
                 "axes": {k: list(v) for k, v in self.axes.items()}, "variants": dict(self.variants),
-                "resources": {"cpu": self.cpu, "gpu": self.gpu}, "retries": self.retries}
+                "resources": {"cpu": self.cpu, "gpu": self.gpu}, "retries": self.retries,
+                **({"compare": dict(self.compare)} if self.compare else {})}
 
 
 def _valid(cls: type[JobSpec], d: dict[str, Any]) -> bool:
@@ -428,6 +433,22 @@ def _path(where: str, key: str, value: Any) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
         raise UserError(f"{where}: {key}: expected a folder path, got {value!r}")
     return value
+
+
+def _compare(where: str, d: Any, settings: dict[str, Any]) -> dict[str, str] | None:
+    """The spec's `compare:` section, checked against the variants and schedules the grid has."""
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: compare: expected a mapping, e.g. {{variant: plain, schedule: const_1e-3}}")
+    _known(f"{where}: compare", d, COMPARE_KEYS)
+    for key, axis in (("variant", "variant"), ("schedule", "lr_schedule")):
+        have = settings.get(axis, [])
+        have = have if isinstance(have, list) else [have]
+        if key in d and d[key] not in have:
+            raise UserError(f"{where}: compare.{key}: {d[key]!r} is not in the grid's {axis} "
+                            f"({', '.join(map(str, have)) or 'none set'}); name one of them")
+    return {k: str(v) for k, v in d.items()}
 
 
 def _known(where: str, d: dict[str, Any], allowed: tuple[str, ...]) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import SCHEDULES, VARIANTS
 from .errors import UserError, format_size
+from .stats import mean_interval
 
 # What a trial's interpret/metrics.json ["summary"] holds, in the order of the table columns: the
 # scores, each faithfulness AUC beside its random-map baseline, with their standard errors over the
@@ -195,6 +196,41 @@ def load_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
                     f"or copy one from a cluster with `vgg-xai results pull HOST:PATH {sweep_dir}`")
 
 
+# The settings in which trials pooled from several sweeps may differ: those that name their cell and seed,
+# and the data cache's path (the same images may be prepared in another place).
+POOL_FREE = ("variant", "bn", "dropout", "l2", "augment", "lr_schedule", "seed", "data")
+
+
+def pool_rows(sweep_dirs: list[str | Path]) -> list[dict[str, Any]]:
+    """The rows of one sweep folder, or of several pooled: the same trial (id and settings) in two of
+    them counts once; trials whose settings differ beyond POOL_FREE (another width, more epochs) are
+    refused in one line, since their values are not draws of the same cells."""
+    if len(sweep_dirs) == 1:
+        return load_rows(sweep_dirs[0])
+    rows: dict[str, dict[str, Any]] = {}
+    settings: dict[str, tuple[Path, dict[str, Any]]] = {}
+    first: tuple[Path, dict[str, Any]] | None = None
+    for d in map(Path, sweep_dirs):
+        for r in load_rows(d):
+            cfg_file = d / "trials" / r["trial_id"] / "config.json"
+            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+            if cfg is not None:
+                shared = {k: v for k, v in cfg.items() if k not in POOL_FREE}
+                first = first or (cfg_file, shared)
+                diff = sorted(k for k in set(shared) | set(first[1]) if shared.get(k) != first[1].get(k))
+                if diff:
+                    k = diff[0]
+                    raise UserError(f"{cfg_file} and {first[0]} differ in {k} ({shared.get(k)!r} against "
+                                    f"{first[1].get(k)!r}); pool only sweeps of the same study (other settings: "
+                                    "compare them as separate sweeps)")
+            if r["trial_id"] in rows and settings.get(r["trial_id"], (None, None))[1] != cfg:
+                raise UserError(f"{r['trial_id']} is in {settings[r['trial_id']][0]} and in {d} with other settings; "
+                                "pool only sweeps of the same study")
+            if r["trial_id"] not in rows:
+                rows[r["trial_id"]], settings[r["trial_id"]] = r, (d, cfg)
+    return [rows[t] for t in sorted(rows)]
+
+
 def _known_first(known: list[str]) -> Callable[[str], tuple[int, str]]:
     """Sorts names in the order of ``known`` (the study's), any others after them by name."""
     return lambda x: (known.index(x) if x in known else len(known), x)
@@ -207,7 +243,8 @@ def ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any]:
-    """variant x schedule -> mean, std (ddof=1 over seeds; 0 for one seed) and n of a metric.
+    """variant x schedule -> mean, std (ddof=1 over seeds; 0 for one seed), the 95% t-interval of the
+    mean (ci_low, ci_high; None for one seed) and n of a metric, and the values themselves.
 
     Only completed trials count; n is how many had a value, of how many trials the cell holds. A cell's
     ``degenerate`` lists the degenerate trials among the n, and the pivot's ``degenerate`` says why
@@ -227,16 +264,23 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
             counted = [r for r in group if r["status"] == "completed" and _number(r.get(metric)) is not None]
             vals = [_number(r[metric]) for r in counted]
             degenerate = [r["trial_id"] for r in counted if r.get("degenerate") is True]
-            why.update({r["trial_id"]: _reasons(r) for r in counted if r["trial_id"] in degenerate})
+            # a degenerate trial whose analysis was skipped (no ARI for collapsed features) is why the cell is empty
+            unvalued = [r["trial_id"] for r in group if r["status"] == "completed" and r.get("degenerate") is True
+                        and not counted]
+            why.update({r["trial_id"]: _reasons(r) for r in group if r["trial_id"] in degenerate + unvalued})
             failed = [r["trial_id"] for r in group
                       if metric in INTERPRET_METRICS and r.get("interpretation") == "failed"]
             failures.update({r["trial_id"]: str(r.get("note") or "interpretation failed") for r in group
                              if r["trial_id"] in failed})
+            low, high = mean_interval(vals)
             cells[f"{v}|{s}"] = {
                 "mean": float(np.mean(vals)) if vals else None,
                 "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None),
+                "ci_low": _number(low), "ci_high": _number(high),
                 "n": len(vals), "of": len(group), "statuses": sorted({r["status"] for r in group}),
-                "degenerate": degenerate, "failed": failed,
+                "values": vals, "seeds": [r.get("seed") for r in counted], "degenerate": degenerate, "degenerate_no_value": unvalued, "failed": failed,
+                # collapsed and learning seeds side by side: two clusters, not one Gaussian spread
+                "mixed": bool(degenerate) and any(r.get("degenerate") is False for r in counted),
             }
     return {"metric": metric, "variants": variants, "schedules": schedules, "cells": cells, "degenerate": why,
             "failed": failures}
@@ -278,20 +322,27 @@ def best_cells(p: dict[str, Any]) -> list[str]:
 
 def cell_text(c: dict[str, Any], pm: str = " ± ", missing: str | None = None, metric: str | None = None,
               mark: str = f" {DAGGER}") -> str:
-    """One pivot cell of ``metric`` as text: mean, ``pm`` std when there are several seeds, (n/of) when
-    some trials have no value, ``mark`` when a degenerate trial is among them; ``missing`` (default: the
+    """One pivot cell of ``metric`` as text: mean, ``pm`` std and [the 95% t-interval of the mean] when
+    there are several seeds, n=seeds (n=n/of when some trials have no value), ``mark`` when a degenerate
+    trial is among them; ``missing`` (default: the
     trials' statuses, "interpretation failed" where that is why, n/a where they all completed) when
     none has a value."""
     if c["of"] == 0:
         return ""
     if c["mean"] is None:
+        tag = mark if c.get("degenerate_no_value") else ""
         if missing is not None:
-            return missing
+            return missing + tag
         if c.get("failed") and c["statuses"] == ["completed"]:
             return "interpretation failed"
-        return "n/a" if c["statuses"] == ["completed"] else "/".join(c["statuses"])
-    text = fmt_value(c["mean"], metric) + (f"{pm}{fmt_value(c['std'], metric)}" if c["n"] > 1 else "")
-    return text + (f" ({c['n']}/{c['of']})" if c["n"] < c["of"] else "") + (mark if c.get("degenerate") else "")
+        return ("n/a" if c["statuses"] == ["completed"] else "/".join(c["statuses"])) + tag
+    text = fmt_value(c["mean"], metric)
+    if c["n"] > 1:
+        text += f"{pm}{fmt_value(c['std'], metric)}"
+        if c.get("ci_low") is not None:
+            text += f" [{fmt_value(c['ci_low'], metric)}, {fmt_value(c['ci_high'], metric)}]"
+    text += f" n={c['n']}" + (f"/{c['of']}" if c["n"] < c["of"] else "")
+    return text + (mark if c.get("degenerate") else "")
 
 
 def pivot_notes(p: dict[str, Any]) -> list[str]:
@@ -301,14 +352,16 @@ def pivot_notes(p: dict[str, Any]) -> list[str]:
     out = []
     for t, r in (p.get("degenerate") or {}).items():
         first, *more = r.split("; ")
-        out.append(f"{DAGGER} includes a degenerate trial: {t} ({first}{f'; +{len(more)} more' if more else ''})")
+        more_text = f"; +{len(more)} more reason{'s' * (len(more) > 1)}" if more else ""
+        out.append(f"{DAGGER} includes a degenerate trial: {t} ({first}{more_text})")
     for t, r in (p.get("failed") or {}).items():
         out.append(f"no value for {t}: {r} (trials/{t}/interpret/error.txt; `vgg-xai postprocess` retries it)")
     return out
 
 
 def pivot_title(metric: str) -> str:
-    return f"{metric}: mean ± std over seeds (n/of where some trials have no value)"
+    return (f"{metric}: mean ± std over seeds [95% t-interval of the mean], n=seeds "
+            "(n=n/of where some trials have no value)")
 
 
 def _aligned(head: list[str], body: list[list[str]]) -> str:
@@ -334,17 +387,23 @@ def format_pivot(p: dict[str, Any], markdown: bool = False) -> str:
     return f"{pivot_title(p['metric'])}\n\n{_aligned(head, body)}" + ("\n\n" + "\n".join(notes) if notes else "")
 
 
+# The long form of a pivot (`results --format csv`): one line a cell; degenerate and interpretation_failed
+# count the cell's degenerate trials among the n and its trials whose interpretation failed.
+PIVOT_CSV_COLUMNS = ["variant", "schedule", "metric", "mean", "std", "ci_low", "ci_high", "n", "of", "degenerate",
+                     "interpretation_failed"]
+
+
 def pivot_csv(p: dict[str, Any]) -> str:
     """The pivot in long form, one line a cell; floats at full precision (they read back equal)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["variant", "schedule", "metric", "mean", "std", "n", "of", "degenerate", "interpretation_failed"])
+    w.writerow(PIVOT_CSV_COLUMNS)
     for v in p["variants"]:
         for s in p["schedules"]:
             c = p["cells"][f"{v}|{s}"]
-            w.writerow([v, s, p["metric"], "" if c["mean"] is None else repr(c["mean"]),
-                        "" if c["std"] is None else repr(c["std"]), c["n"], c["of"], len(c.get("degenerate") or []),
-                        len(c.get("failed") or [])])
+            w.writerow([v, s, p["metric"], *("" if c.get(k) is None else repr(c[k])
+                                              for k in ("mean", "std", "ci_low", "ci_high")),
+                        c["n"], c["of"], len(c.get("degenerate") or []), len(c.get("failed") or [])])
     return buf.getvalue()
 
 
@@ -477,11 +536,14 @@ def write_tables(sweep_dir: str | Path, metric: str = "test_acc") -> dict[str, A
     atomic_write_text(tables / "accuracy.json", json.dumps({"rows": json_rows(rows), "pivot": p}, indent=2))
     extra = [q for q in (pivot(rows, m) for m in INTERPRET_METRICS) if any(c["n"] for c in q["cells"].values())]
     interp = "".join(f"### {q['metric']}\n\n{format_pivot(q, markdown=True)}\n\n" for q in extra)
-    md = (f"# {sweep_dir.name}: {metric}\n\nMean ± std over seeds (n/of where some trials did not complete).\n\n"
+    md = (f"# {sweep_dir.name}: {metric}\n\n{pivot_title(metric)}.\n\n"
           f"{format_pivot(p, markdown=True)}\n\n"
           + (f"## Interpretation metrics\n\nFrom each trial's interpret/metrics.json.\n\n{interp}" if extra else "")
           + f"## Trials\n\n{_markdown(ROW_COLUMNS, [[fmt_value(r[c], c) for c in ROW_COLUMNS] for r in rows])}\n")
     atomic_write_text(tables / "accuracy.md", md)
+    from .compare import write_compare  # it builds on this module's pivots
+
+    write_compare(sweep_dir, rows, metric)
     return p
 
 

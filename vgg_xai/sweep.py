@@ -66,12 +66,12 @@ def _identity(resolved: dict[str, Any]) -> dict[str, Any]:
     The path or archive that named the data is not part of it: the same images prepared from an
     archive on a laptop and handed to a SLURM job as the prepared .h5 are the same sweep. A digest
     not known (a dry run before the data was prepared, a sweep started by an older version) is not
-    compared.
+    compared. Nor is `compare:`, which only names the reference cells of `results --compare`.
     """
     data = {k: v for k, v in resolved["data"].items() if k not in ("source", "cache")}
     if data.get("content_sha256") is None:
         data.pop("content_sha256", None)
-    return {**resolved, "data": data}
+    return {**{k: v for k, v in resolved.items() if k != "compare"}, "data": data}  # compare changes no trial
 
 
 def sweep_dir_of(spec: JobSpec) -> Path:
