@@ -322,3 +322,16 @@ def test_a_cell_of_collapsed_trials_without_a_value_is_marked_in_latex():
 def test_collect_rows_reads_what_write_sweep_wrote(tmp_path):
     sweep = write_sweep(tmp_path, "s", {("bn", "const_1e-3"): BN})
     assert [r["test_acc"] for r in collect_rows(sweep)] == pytest.approx(BN)
+
+
+def test_the_report_says_which_differences_are_real(tmp_path):
+    from vgg_xai.report import build_html
+
+    sweep = write_sweep(tmp_path, "s", {("plain", "const_1e-3"): PLAIN, ("bn", "const_1e-3"): BN,
+                                        ("plain", "const_1e-2"): [0.1], ("bn", "const_1e-2"): [0.54]})
+    page = build_html(sweep)
+    section = page[page.index('<h3 id="compare">'):]
+    assert '<a href="#compare">' in page and "Within each schedule, every variant against plain" in section
+    row = next(tr for tr in section.split("<tr>") if "+0.1760" in tr)
+    assert BEYOND in row and "Welch t" in row
+    assert ONE_SEED in section and "add them with --set &#x27;grid.variant=[bn, plain]&#x27;" in section

@@ -182,8 +182,13 @@ def test_a_learning_trial_is_interpreted_fully_with_spread_and_sample_sizes(post
         assert 0 < s[f"{key}_se"] < 0.05, key  # a finite standard error, small at 260 images
     assert s["sanity_n_draws"] == 3 and s["sanity_n_images"] == 50
     assert 0 <= s["sanity_n_degenerate"] <= 150
-    assert -1 <= s["sanity_rho"] <= 1 and s["sanity_abs_rho"] >= abs(s["sanity_rho"])
-    assert s["sanity_rho_std"] >= 0 and s["sanity_abs_rho_std"] >= 0
+    assert s["sanity_n_pairs"] == 150
+    for key in ("sanity_rho", "sanity_floor", "sanity_abs_rank_rho", "sanity_abs_floor"):
+        assert -1 <= s[key] <= 1 and s[f"{key}_std"] >= 0, key
+    for mode in ("deletion", "insertion"):  # the paired difference is the difference of the two means
+        assert s[f"{mode}_vs_random"] == pytest.approx(s[f"{mode}_auc"] - s[f"{mode}_auc_random"], abs=1e-9)
+        assert 0 < s[f"{mode}_vs_random_se"] < 0.05 and 0 <= s[f"{mode}_wins"] <= 1 and 0 <= s[f"{mode}_vs_random_p"] <= 1
+    assert m["images"].startswith("accuracy, calibration, t-SNE and the mixture: the spec's test set")
     sc = m["sanity"]
     assert len(sc["spearman"]) == len(sc["layers"]) == len(sc["spearman_std"]) == len(sc["n_degenerate"])
     assert np.shape(sc["spearman_per_draw"]) == (3, len(sc["layers"]))

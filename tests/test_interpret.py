@@ -337,7 +337,7 @@ def test_randomization_check_leaves_out_and_counts_all_zero_maps(patch_model, pr
     counted, never scored 0."""
     import vgg_xai.interpret.sanity as sanity
 
-    real = sanity.cam
+    real = sanity.raw_cam
 
     def zero_first_two(*args, **kw):
         maps = real(*args, **kw)
@@ -345,7 +345,7 @@ def test_randomization_check_leaves_out_and_counts_all_zero_maps(patch_model, pr
         return maps
 
     x = probes[0][:12]
-    monkeypatch.setattr(sanity, "cam", zero_first_two)
+    monkeypatch.setattr(sanity, "raw_cam", zero_first_two)
     out = randomization_check(patch_model, x, "gradcam", draws=3, seed=0)
     steps = len(out["layers"])
     assert out["n_draws"] == 3 and out["n_images"] == 12 and out["flat_trained"] == 2
@@ -358,12 +358,63 @@ def test_randomization_check_leaves_out_and_counts_all_zero_maps(patch_model, pr
     assert len(last) == out["n_pairs"][-1]
     assert out["spearman"][-1] == pytest.approx(last.mean())
     assert out["spearman_std"][-1] == pytest.approx(last.std())
-    assert out["abs_spearman"][-1] == pytest.approx(np.abs(last).mean())
-    assert out["abs_spearman_std"][-1] == pytest.approx(np.abs(last).std())
+    per_abs = np.stack([cascading_randomization(patch_model, x, "gradcam", seed=d)["abs_spearman_per_image"]
+                        for d in range(3)])
+    last_abs = per_abs[:, -1][np.isfinite(per_abs[:, -1])]
+    assert out["abs_spearman"][-1] == pytest.approx(last_abs.mean())
+    assert out["abs_spearman_std"][-1] == pytest.approx(last_abs.std())
+    assert out["n_compared"] == 36
     # Draws differ; the same seed gives the same draws.
     assert not np.allclose(out["spearman_per_draw"][0], out["spearman_per_draw"][1])
     again = randomization_check(patch_model, x, "gradcam", draws=3, seed=0)
     np.testing.assert_array_equal(again["spearman"], out["spearman"])
+
+
+def test_the_abs_statistic_ranks_the_unrectified_maps_and_has_a_noise_floor(patch_model, probes):
+    """ABS (Adebayo et al.): Spearman correlation of the absolute values of the unrectified maps, here
+    recomputed by hand with scipy.stats.spearmanr after re-initializing the classifier as the cascade's
+    first step does; the floor is the same statistic between the trained maps of different images."""
+    import copy
+
+    from scipy.stats import spearmanr
+
+    from vgg_xai.interpret.cam import signed_cam
+    from vgg_xai.interpret.sanity import _reinit
+
+    x = probes[0][:8]
+    out = cascading_randomization(patch_model, x, "gradcam", seed=0)
+    trained = signed_cam(patch_model, x, "gradcam")
+    net = copy.deepcopy(patch_model)
+    _reinit(net.classifier, torch.Generator().manual_seed(0))
+    first = signed_cam(net, x, "gradcam", targets=patch_model(x).argmax(1))
+    want = [spearmanr(np.abs(a).ravel(), np.abs(b).ravel())[0] for a, b in zip(trained, first)]
+    np.testing.assert_allclose(out["abs_spearman_per_image"][0], want, rtol=1e-6, atol=1e-9)
+
+    check = randomization_check(patch_model, x, "gradcam", draws=2, seed=0)
+    floor = [spearmanr(np.abs(trained[i]).ravel(), np.abs(trained[i - 1]).ravel())[0] for i in range(8)]
+    assert check["abs_floor"] == pytest.approx(np.mean(floor), rel=1e-6) and check["abs_floor_n"] == 8
+    assert check["abs_floor_std"] == pytest.approx(np.std(floor), rel=1e-6)
+    rect = out["maps"][0]
+    plain_floor = [spearmanr(rect[i].ravel(), rect[i - 1].ravel())[0] for i in range(8)]
+    assert check["floor"] == pytest.approx(np.nanmean(plain_floor), rel=1e-6)
+
+
+def test_gradcam_pp_is_pytorch_grad_cams_formula():
+    """pytorch-grad-cam's GradCAMPlusPlus.get_cam_weights, written out in numpy (its eps of 1e-6), on
+    gradients as small as a trained VGG's last layer has (squares near 2e-7), where the constant matters."""
+    from vgg_xai.interpret.cam import gradcam_pp_weights
+
+    rng = np.random.default_rng(0)
+    acts = np.abs(rng.normal(0, 1, (3, 8, 4, 4)))
+    grads = rng.normal(0, 4.5e-4, (3, 8, 4, 4))
+    grads[0, 0] = 0.0
+    g2, g3 = grads ** 2, grads ** 3
+    sum_acts = acts.sum(axis=(2, 3))
+    aij = g2 / (2 * g2 + sum_acts[:, :, None, None] * g3 + 0.000001)
+    aij = np.where(grads != 0, aij, 0)
+    want = (np.maximum(grads, 0) * aij).sum(axis=(2, 3))
+    got = gradcam_pp_weights(torch.tensor(acts), torch.tensor(grads)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 # --------------------------------------------------------------- embedding and clusters

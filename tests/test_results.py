@@ -207,13 +207,16 @@ def test_metric_ari_pivots_the_interpretation_metrics(sweep, capsys):
 def test_tables_hold_the_interpretation_columns_and_pivots(tmp_path):
     sweep, _ = make_sweep(tmp_path)
     header = (sweep / "tables" / "accuracy.csv").read_text().splitlines()[0].split(",")
-    assert header == ROW_COLUMNS and header[header.index("test_acc") + 1:-1] == INTERPRET_COLUMNS
+    start = header.index("test_acc") + 1
+    assert header == ROW_COLUMNS and header[start:start + len(INTERPRET_COLUMNS)] == INTERPRET_COLUMNS
+    assert header[-3:-1] == ["deletion_verdict", "insertion_verdict"]
     assert header[header.index("deletion_auc"):header.index("deletion_auc") + 3] == \
         ["deletion_auc", "deletion_auc_se", "deletion_auc_random"]  # each score beside its random-map baseline
     md = (sweep / "tables" / "accuracy.md").read_text()
     assert "## Interpretation metrics" in md
     for m in INTERPRET_METRICS:  # only metrics some trial has
-        assert (f"### {m}\n" in md) == (m not in ("sanity_rho", "sanity_abs_rho", "insertion_auc_random"))
+        assert (f"### {m}\n" in md) == (m in ("ari", "nmi", "purity", "ece", "deletion_auc", "deletion_auc_random",
+                                               "insertion_auc"))
     saved = json.loads((sweep / "tables" / "accuracy.json").read_text())
     assert saved["rows"] == json_rows(collect_rows(sweep)) and saved["pivot"]["metric"] == "test_acc"
 
@@ -250,8 +253,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, sweep, tmp_path, capsys
     assert rc == 2 and out == ""
     assert err.startswith("vgg-xai: error: ") and message in err and len(err.strip().splitlines()) == 1
     if "accuracy" in argv:
-        assert ("ari, nmi, purity, ece, deletion_auc, deletion_auc_random, insertion_auc, insertion_auc_random, "
-                "sanity_rho, sanity_abs_rho, wall_s") in err
+        assert ("ari, nmi, purity, ece, deletion_auc, deletion_auc_random, deletion_vs_random, deletion_wins, "
+                "insertion_auc, insertion_auc_random, insertion_vs_random, insertion_wins, sanity_rho, sanity_floor, "
+                "sanity_abs_rank_rho, sanity_abs_floor, wall_s") in err
 
 
 # ---------------------------------------------------------------------------- --sort / --top
@@ -309,8 +313,8 @@ def test_ranked_goes_the_better_way_with_missing_values_last(metric):
     better_first = ["t2", "t4", "t0"] if metric in LOWER_IS_BETTER else ["t0", "t4", "t2"]
     assert got == better_first + ["t1", "t3"]
     assert [r["trial_id"] for r in ranked(rows, metric, top=2)] == better_first[:2]
-    assert set(LOWER_IS_BETTER) == {"ece", "deletion_auc", "deletion_auc_random", "sanity_rho", "sanity_abs_rho",
-                                    "wall_s"}
+    assert set(LOWER_IS_BETTER) == {"ece", "deletion_auc", "deletion_auc_random", "deletion_vs_random", "sanity_rho",
+                                    "sanity_floor", "sanity_abs_rank_rho", "sanity_abs_floor", "wall_s"}
 
 
 # ---------------------------------------------------------------------------- how numbers are written
@@ -407,8 +411,11 @@ DEGENERATE = "plain-lr1e-3-s0"
 REASON = "one predicted class: cat for 100% of the test images"
 FAITHFUL = {"deletion_auc_se": 0.011, "deletion_auc_random_se": 0.012, "insertion_auc": 0.7, "insertion_auc_se": 0.02,
             "insertion_auc_random": 0.56, "insertion_auc_random_se": 0.03, "faithfulness_n_images": 10,
-            "sanity_rho": -0.05, "sanity_rho_std": 0.04, "sanity_abs_rho": 0.07, "sanity_abs_rho_std": 0.03,
-            "sanity_n_draws": 3, "sanity_n_images": 10, "sanity_n_degenerate": 0}
+            "insertion_vs_random": 0.14, "insertion_vs_random_se": 0.01, "insertion_wins": 0.9,
+            "insertion_vs_random_p": 2e-5, "sanity_rho": -0.05, "sanity_rho_std": 0.04, "sanity_floor": 0.02,
+            "sanity_floor_std": 0.05, "sanity_abs_rank_rho": 0.3, "sanity_abs_rank_rho_std": 0.1,
+            "sanity_abs_floor": 0.28, "sanity_abs_floor_std": 0.1, "sanity_n_draws": 3, "sanity_n_images": 10,
+            "sanity_n_pairs": 30, "sanity_n_degenerate": 0}
 
 
 def _edit_metrics(trial: Path, **top) -> None:
@@ -450,7 +457,7 @@ def test_degenerate_trials_are_marked_in_every_table(tmp_path, capsys):
     mean, std = np.mean(ACC[("plain", "const_1e-3")]), np.std(ACC[("plain", "const_1e-3")], ddof=1)
     low, high = scipy.stats.t.interval(0.95, 1, loc=mean, scale=std / math.sqrt(2))
     assert f"| plain | {mean:.4f} ± {std:.4f} [{low:.4f}, {high:.4f}] n=2 † |" in md and footnote in md
-    assert md.count("†") == 2 * md.count(footnote) == 16  # a cell and its note: test_acc and 7 interpretation pivots
+    assert md.count("†") == 2 * md.count(footnote) == 24  # a cell and its note: test_acc and 11 interpretation pivots
     assert "### ari\n" in md and f"| plain | {ARI(0.6325):.4f} n=1/2 |" in md  # the degenerate trial: no ARI, no mark
     assert f"| {DEGENERATE} | plain | const_1e-3 | 0 | completed | yes | done | degenerate: {REASON} |" in md
     assert "| plain-lr1e-3-s1 | plain | const_1e-3 | 1 | completed | no | done |  |" in md
@@ -478,7 +485,7 @@ def test_degenerate_trials_are_marked_in_every_table(tmp_path, capsys):
     # The same marks from tables/accuracy.json alone (a folder without trials/).
     copy = tmp_path / "copy" / "seed"
     shutil.copytree(tables, copy / "tables")
-    for argv in ([], ["--format", "json", "--metric", "sanity_abs_rho"]):
+    for argv in ([], ["--format", "json", "--metric", "sanity_abs_rank_rho"]):
         assert run(capsys, copy, *argv)[1] == run(capsys, sweep, *argv)[1]
 
 
@@ -493,7 +500,9 @@ def test_faithfulness_and_sanity_details_sit_beside_their_scores(tmp_path, capsy
     assert all(r[k] == "" for r in rows if r["trial_id"] not in (DEGENERATE, "plain-lr1e-3-s1") for k in details)
     md = (sweep / "tables" / "accuracy.md").read_text()
     # Counts as whole numbers, scores to four decimals, in the trials table.
-    assert "| 0.7000 | 0.0200 | 0.5600 | 0.0300 | 10 | -0.0500 | 0.0400 | 0.0700 | 0.0300 | 3 | 10 | 0 |" in md
+    assert ("| 0.7000 | 0.0200 | 0.5600 | 0.0300 | 0.1400 | 0.0100 | 0.9000 | 0.0000 | 10 | -0.0500 | 0.0400 | 0.0200 "
+            "| 0.0500 | 0.3000 | 0.1000 | 0.2800 | 0.1000 | 3 | 10 | 30 | 0 |  | beats the random map |") in md
+    assert (row["faithfulness_n_images"], row["sanity_n_pairs"]) == ("10", "30")  # counts, not 10.0
     rc, out, err = run(capsys, sweep, "--sort", "sanity_rho", "--format", "json")  # nearer 0 first
     assert rc == 0, err
     data = json.loads(out)

@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--metric", default=None,
                      help="the column to pivot: test_acc (default), best_valid_acc, best_epoch, epochs, wall_s, "
                           "or an interpretation metric: ari, nmi, purity, ece, deletion_auc, deletion_auc_random, "
-                          "insertion_auc, insertion_auc_random, sanity_rho, sanity_abs_rho")
+                          "deletion_vs_random, deletion_wins, insertion_auc, insertion_auc_random, "
+                          "insertion_vs_random, insertion_wins, sanity_rho, sanity_floor, sanity_abs_rank_rho, "
+                          "sanity_abs_floor")
     res.add_argument("--sort", metavar="METRIC", default=None,
                      help="print the trials instead of the pivot, best first by METRIC (any --metric name; "
                           "higher first but for ece, deletion_auc, sanity_rho and wall_s), no value last")

@@ -158,7 +158,7 @@ def _cell(mean: Any, std: Any, n: int, metric: str) -> str:
     return fmt_value(mean, metric) + (f" ± {fmt_value(std, metric)}" if n > 1 else "") + f" n={n}"
 
 
-def _table_rows(c: dict[str, Any], kind: str) -> list[list[str]]:
+def table_rows(c: dict[str, Any], kind: str) -> list[list[str]]:
     m = c["metric"]
     out = []
     for r in c["rows"]:
@@ -210,7 +210,7 @@ def format_compare(c: dict[str, Any], markdown: bool = False) -> str:
     table = _markdown if markdown else _aligned
     parts = [header(c)]
     for kind, ref in (("variant", c["ref_variant"]), ("schedule", c["ref_schedule"])):
-        body = _table_rows(c, kind)
+        body = table_rows(c, kind)
         if body:
             parts += [f"within each {'schedule' if kind == 'variant' else 'variant'}, every {kind} against {ref}:",
                       table(HEAD[kind], body)]

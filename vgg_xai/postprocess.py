@@ -16,13 +16,20 @@ one-line reason in ``skipped``; their summary values are null and their figures 
 metrics.json (this module writes it; JSON null wherever a value was not computed, never NaN):
     summary      the scalars the tables read: test_acc, ece, ari, nmi, purity; deletion_auc,
                  insertion_auc and their random-map baselines (deletion_auc_random, ...), each
-                 with its standard error (``*_se``) and faithfulness_n_images; sanity_rho and
-                 sanity_abs_rho (final step of the randomization check) with ``*_std``,
-                 sanity_n_draws, sanity_n_images, sanity_n_degenerate
+                 with its standard error (``*_se``); the map against the random map on the same
+                 image (``*_vs_random``: the mean paired difference, its ``_se`` and ``_p`` of a
+                 paired t-test; ``*_wins``: the share of images where the map is the better one)
+                 and faithfulness_n_images; the randomization check's final step: sanity_rho
+                 (rectified maps) and sanity_abs_rank_rho (ABS: absolute values of the
+                 unrectified maps) with ``*_std``, their noise floors sanity_floor and
+                 sanity_abs_floor (the same statistic between trained maps of different images)
+                 with ``*_std``, sanity_n_draws, sanity_n_images, sanity_n_pairs (draws x images)
+                 and sanity_n_degenerate (of those pairs, left out: a flat map)
     degenerate   {"detected": bool, "reasons": [one line each], "checks": {name: number or bool}}
     skipped      {analysis: one-line reason}; analyses: cam, faithfulness, sanity, tsne, gmm
     faithfulness, sanity, tsne, gmm   the details of each analysis (None where it was skipped)
     settings, cam, per_class_accuracy, probes, classes, device, seconds, cpu_seconds
+    images       which test images each analysis reads (IMAGES_RULE)
 """
 
 from __future__ import annotations
@@ -41,9 +48,9 @@ import numpy as np
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .errors import UserError
 from .locks import locked
-from .results import trial_status, write_tables
+from .results import FAITHFULNESS_KEYS, SANITY_KEYS, trial_status, write_tables
 
-SCHEMA = "vgg-xai/interpret/1"
+SCHEMA = "vgg-xai/interpret/2"  # 2: faithfulness paired with the random map; the ABS randomization statistic
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,8 @@ def up_to_date(trial_dir: Path, settings: Settings) -> bool:
     if any(p.is_file() and p.stat().st_mtime_ns > metrics.stat().st_mtime_ns for p in inputs):
         return False
     try:
-        return json.loads(metrics.read_text()).get("settings") == settings.to_dict()
+        saved = json.loads(metrics.read_text())
+        return saved.get("schema") == SCHEMA and saved.get("settings") == settings.to_dict()
     except ValueError:
         return False
 
@@ -181,6 +189,7 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
     from .data import DeviceSplit, load_cache
     from .interpret import activations, cam, clusters, degenerate, embedding, faithfulness, filters, metrics, probes
     from .interpret import sanity
+    from . import stats
     from .interpret.embedding import available_cpus
     from .model import build_model
     from .train import resolve_device
@@ -299,6 +308,11 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
                 for key, p in ((f"{mode}_auc", probs), (f"{mode}_auc_random", probs_rnd)):
                     auc = faithfulness.curve_auc(p)
                     summary[key], summary[f"{key}_se"] = float(auc.mean()), float(auc.std(ddof=1) / np.sqrt(len(auc)))
+                # the map against the random map on the same image: a paired difference
+                pair = stats.paired(faithfulness.curve_auc(probs), faithfulness.curve_auc(probs_rnd),
+                                    higher_is_better=mode == "insertion")
+                summary.update({f"{mode}_vs_random": pair["diff"], f"{mode}_vs_random_se": pair["se"],
+                                f"{mode}_wins": pair["wins"], f"{mode}_vs_random_p": pair["p"]})
             summary["faithfulness_n_images"] = len(fidx)
             a["faithfulness"] = f
             f_meta = {"method": s.cam_method, "n_images": len(fidx), "steps": s.faithfulness_steps,
@@ -321,13 +335,19 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
                            "spearman_per_draw": sc["spearman_per_draw"], "maps": sc["maps"][:, 0],
                            "image": test_x[sidx[0]].transpose(1, 2, 0), "indices": sidx}
             summary.update(sanity_rho=sc["spearman"][-1], sanity_rho_std=sc["spearman_std"][-1],
-                           sanity_abs_rho=sc["abs_spearman"][-1], sanity_abs_rho_std=sc["abs_spearman_std"][-1],
+                           sanity_floor=sc["floor"], sanity_floor_std=sc["floor_std"],
+                           sanity_abs_rank_rho=sc["abs_spearman"][-1], sanity_abs_rank_rho_std=sc["abs_spearman_std"][-1],
+                           sanity_abs_floor=sc["abs_floor"], sanity_abs_floor_std=sc["abs_floor_std"],
                            sanity_n_draws=sc["n_draws"], sanity_n_images=sc["n_images"],
-                           sanity_n_degenerate=int(sc["n_degenerate"][-1]))
+                           sanity_n_pairs=sc["n_compared"], sanity_n_degenerate=int(sc["n_degenerate"][-1]))
             sc_meta = {k: sc[k] for k in ("layers", "spearman", "spearman_std", "abs_spearman", "abs_spearman_std",
-                                          "spearman_per_draw", "n_pairs", "n_degenerate", "n_draws", "n_images",
-                                          "flat_trained")}
-            sc_meta["method"] = s.cam_method
+                                          "floor", "floor_std", "floor_n", "abs_floor", "abs_floor_std", "abs_floor_n",
+                                          "spearman_per_draw", "n_pairs", "n_degenerate", "n_compared", "n_draws",
+                                          "n_images", "flat_trained")}
+            sc_meta.update(method=s.cam_method, statistics={
+                "spearman": "Spearman correlation of the rectified maps, trained against randomized",
+                "abs_spearman": "ABS: Spearman correlation of the absolute values of the unrectified maps",
+                "floor": "each statistic between the trained maps of different images (image i against i - 1)"})
     lap("sanity")
 
     # One PCA serves both: t-SNE starts from the first 50 components, the GMM from the first pca_dim.
@@ -392,17 +412,17 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
         "cam": {"method": s.cam_method, "methods": methods, "layer": a["cam"]["layer"]},
         "faithfulness": f_meta, "sanity": sc_meta,
         "per_class_accuracy": dict(zip(classes, pca_)),
-        "probes": idx.tolist(), "classes": classes, "device": str(device), "seconds": secs, "cpu_seconds": cpu_secs,
+        "probes": idx.tolist(), "classes": classes, "images": IMAGES_RULE, "device": str(device), "seconds": secs,
+        "cpu_seconds": cpu_secs,
     }
     return a, json_safe(m)
 
 
-# The summary values of faithfulness and of the randomization check (None where not computed).
-FAITHFULNESS_KEYS = ["deletion_auc", "deletion_auc_se", "deletion_auc_random", "deletion_auc_random_se",
-                     "insertion_auc", "insertion_auc_se", "insertion_auc_random", "insertion_auc_random_se",
-                     "faithfulness_n_images"]
-SANITY_KEYS = ["sanity_rho", "sanity_rho_std", "sanity_abs_rho", "sanity_abs_rho_std", "sanity_n_draws",
-               "sanity_n_images", "sanity_n_degenerate"]
+# Which test images each analysis reads (the same rule for every trial; said in metrics.json and the report).
+IMAGES_RULE = ("accuracy, calibration, t-SNE and the mixture: the spec's test set (test_size); the probe images, "
+               "faithfulness and the randomization check: class-balanced images drawn with a fixed seed from the "
+               "whole prepared test split, so that every sweep, whatever its test_size, shows and scores the "
+               "same images")
 
 
 def json_safe(obj: Any) -> Any:

@@ -20,6 +20,8 @@ from typing import Any
 from urllib.parse import quote
 
 from .checkpoint import atomic_write_text
+from .compare import compare, spec_reference
+from .postprocess import IMAGES_RULE
 from .results import DAGGER, best_cells, cell_text, collect_rows, fmt_value, ordered, pivot, read_interpretation
 
 SWEEP_FIGURES = {
@@ -56,11 +58,18 @@ METRICS = {  # pivots shown besides test accuracy, when any trial has the value
     "ari": "GMM clusters vs labels: adjusted Rand index",
     "nmi": "GMM clusters vs labels: normalized mutual information",
     "deletion_auc": "CAM deletion AUC (lower is better), beside a random map's",
+    "deletion_vs_random": "CAM deletion AUC, the map minus the random map on the same image (below 0: faithful)",
     "insertion_auc": "CAM insertion AUC (higher is better), beside a random map's",
-    "sanity_rho": "Spearman correlation of the CAM after randomizing every layer (near 0 is good)",
-    "sanity_abs_rho": "its size, |Spearman correlation| (lower is better)",
+    "insertion_vs_random": "CAM insertion AUC, the map minus the random map on the same image (above 0: faithful)",
+    "sanity_rho": "Spearman correlation of the CAM after randomizing every layer (near 0 is good), beside its "
+                  "noise floor (the same between trained maps of different images)",
+    "sanity_abs_rank_rho": "ABS: Spearman correlation of the absolute unrectified CAM after randomizing every layer "
+                           "(at or below its noise floor, beside it, is good)",
 }
-BASELINES = {"deletion_auc": "deletion_auc_random", "insertion_auc": "insertion_auc_random"}
+BASELINES = {"deletion_auc": "deletion_auc_random", "insertion_auc": "insertion_auc_random",
+             "sanity_rho": "sanity_floor", "sanity_abs_rank_rho": "sanity_abs_floor"}
+BASELINE_NAMES = {"deletion_auc_random": "random", "insertion_auc_random": "random", "sanity_floor": "floor",
+                  "sanity_abs_floor": "floor"}
 THUMB_PX = 400  # the longest side of a trial figure's inline thumbnail
 SWEEP_THUMB_PX = 800  # the sweep figures are grids of every trial: a larger thumbnail
 THUMB_QUALITY = 75
@@ -135,13 +144,33 @@ def _pivot_table(p: dict[str, Any], baseline: dict[str, Any] | None = None) -> s
             base = baseline["cells"][key] if baseline else None
             if base and base["mean"] is not None:
                 random = cell_text(base, metric=baseline["metric"], mark="")
-                text += f'<span class="base">random {html.escape(random)}</span>'
+                text += f'<span class="base">{BASELINE_NAMES[baseline["metric"]]} {html.escape(random)}</span>'
             tds.append(_td(text, "best" if key in best else "muted" if c["mean"] is None else ""))
         body.append(f"<tr><td>{html.escape(v)}</td>{''.join(tds)}</tr>")
     why = p.get("degenerate") or {}
     foot = (f'<p class="foot">{DAGGER} includes a degenerate trial: {", ".join(_trial_link(t) for t in why)} (why: '
             "in the trials table and in each trial's section)</p>" if why else "")
     return f"<table><tr><th>variant</th>{head}</tr>{''.join(body)}</table>{foot}"
+
+
+def _compare_tables(c: dict[str, Any]) -> str:
+    """`results --compare` of test accuracy as HTML: the rule under a heading, a table per kind, the
+    seeds that would decide the rest."""
+    from .compare import HEAD, footer, header, table_rows
+
+    parts = [f'<p class="muted">{html.escape(header(c))}</p>']
+    for kind, ref in (("variant", c["ref_variant"]), ("schedule", c["ref_schedule"])):
+        body = table_rows(c, kind)
+        if not body:
+            continue
+        within = "schedule" if kind == "variant" else "variant"
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in HEAD[kind])
+        trs = "".join("<tr>" + "".join(_td(html.escape(x), "text" if i in (0, 1, 8) else "") for i, x in enumerate(r))
+                      + "</tr>" for r in body)
+        parts.append(f"<h4>Within each {within}, every {kind} against {html.escape(ref)}</h4>"
+                     f'<div class="wide"><table>{head and f"<tr>{head}</tr>"}{trs}</table></div>')
+    parts += [f'<p class="foot">{html.escape(line)}</p>' for line in footer(c)]
+    return "".join(parts)
 
 
 def _trial_link(tid: str) -> str:
@@ -168,8 +197,12 @@ def _has(rows: list[dict[str, Any]], metric: str) -> bool:
 
 
 def _pm(r: dict[str, Any], key: str, spread: str | None) -> str:
-    """A value with its spread (standard error or std) where the row has one: 0.7000 ± 0.0200."""
+    """A value with its spread (standard error or std) where the row has one: 0.7000 ± 0.0200; a count
+    with what it counts of (``spread`` "of:KEY"): 80 of 150."""
     text = fmt_value(r.get(key), key)
+    if spread and spread.startswith("of:"):
+        whole = fmt_value(r.get(spread[3:]), spread[3:])
+        return f"{text} of {whole}" if text and whole else text
     err = fmt_value(r.get(spread), spread) if spread else ""
     return f"{text} ± {err}" if text and err else text
 
@@ -179,14 +212,22 @@ INTERPRET_TABLE = [
     ("calibration and clusters", [("ECE", "ece", None), ("ARI", "ari", None), ("NMI", "nmi", None),
                                   ("purity", "purity", None)]),
     ("deletion AUC ± SE (lower is better)", [("map", "deletion_auc", "deletion_auc_se"),
-                                             ("random map", "deletion_auc_random", "deletion_auc_random_se")]),
+                                             ("random map", "deletion_auc_random", "deletion_auc_random_se"),
+                                             ("map − random ± paired SE", "deletion_vs_random", "deletion_vs_random_se"),
+                                             ("images won", "deletion_wins", None),
+                                             ("verdict", "deletion_verdict", None)]),
     ("insertion AUC ± SE (higher is better)", [("map", "insertion_auc", "insertion_auc_se"),
-                                               ("random map", "insertion_auc_random", "insertion_auc_random_se")]),
+                                               ("random map", "insertion_auc_random", "insertion_auc_random_se"),
+                                               ("map − random ± paired SE", "insertion_vs_random",
+                                                "insertion_vs_random_se"),
+                                               ("images won", "insertion_wins", None),
+                                               ("verdict", "insertion_verdict", None)]),
     ("faithfulness", [("images", "faithfulness_n_images", None)]),
-    ("randomization check (near 0 is good)", [("Spearman ρ ± std", "sanity_rho", "sanity_rho_std"),
-                                              ("|ρ| ± std", "sanity_abs_rho", "sanity_abs_rho_std"),
-                                              ("draws", "sanity_n_draws", None), ("images", "sanity_n_images", None),
-                                              ("degenerate maps", "sanity_n_degenerate", None)]),
+    ("randomization check, every layer randomized (mean ± std)", [
+        ("Spearman ρ", "sanity_rho", "sanity_rho_std"), ("its floor", "sanity_floor", "sanity_floor_std"),
+        ("ABS ρ", "sanity_abs_rank_rho", "sanity_abs_rank_rho_std"),
+        ("its floor", "sanity_abs_floor", "sanity_abs_floor_std"), ("draws", "sanity_n_draws", None),
+        ("images", "sanity_n_images", None), ("degenerate map pairs", "sanity_n_degenerate", "of:sanity_n_pairs")]),
 ]
 
 
@@ -415,6 +456,11 @@ def _trial_section(sweep_dir: Path, r: dict[str, Any], p: dict[str, Any]) -> str
 # ---------------------------------------------------------------------------- the page
 
 
+def _references(sweep_dir: Path) -> dict[str, str | None]:
+    ref = spec_reference(sweep_dir)
+    return {"ref_variant": ref.get("variant"), "ref_schedule": ref.get("schedule")}
+
+
 def build_html(sweep_dir: Path) -> str:
     """The report of a sweep folder as one HTML string."""
     rows = ordered(collect_rows(sweep_dir))
@@ -425,7 +471,7 @@ def build_html(sweep_dir: Path) -> str:
     interpreted = [r for r in rows if (sweep_dir / "trials" / r["trial_id"] / "interpret" / "metrics.json").is_file()]
     degenerate = [r["trial_id"] for r in rows if r.get("degenerate")]
     table = _interpretation_table(interpreted)
-    sections = [("results", "Results")] + ([("interpretation", "Interpretation")] if table else []) + \
+    sections = [("results", "Results"), ("compare", "Differences")] + ([("interpretation", "Interpretation")] if table else []) + \
         [("provenance", "Provenance"), ("figures", "Figures")] + [(f"v-{quote(v)}", v) for v in variants]
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(name)}: "
              f"vgg-xai report</title><style>{CSS}</style></head><body>",
@@ -435,6 +481,9 @@ def build_html(sweep_dir: Path) -> str:
                "PNG.</p>",
              "<nav>" + "".join(f'<a href="#{html.escape(a)}">{html.escape(t)}</a>' for a, t in sections) + "</nav>",
              '<h2 id="results">Results</h2><h3>Test accuracy</h3>', _pivot_table(accuracy)]
+    if rows:
+        parts += ['<h3 id="compare">Which differences are real</h3>',
+                  _compare_tables(compare(rows, "test_acc", **_references(sweep_dir)))]
     for metric, title in METRICS.items():
         if _has(rows, metric):
             base = pivot(rows, BASELINES[metric]) if metric in BASELINES and _has(rows, BASELINES[metric]) else None
@@ -446,9 +495,15 @@ def build_html(sweep_dir: Path) -> str:
     if table:
         parts += ['<h2 id="interpretation">Interpretation</h2>',
                   "<p class=\"muted\">Per trial: each faithfulness score beside the same score of a random map "
-                  "(± standard error over its images, and how many); the randomization check's Spearman "
-                  "correlation with the trained model's maps once every layer is re-initialized (± std over the "
-                  "draws of random weights).</p>", table]
+                  "(± standard error over its images, and how many), and the map against the random map on the "
+                  "same image: the mean difference with its paired standard error, the share of images where the "
+                  "map is the better one, and a verdict (it beats the random map where the difference goes the "
+                  "better way with a paired t-test p below 0.05). The randomization check's correlations with the "
+                  "trained model's maps once every layer is re-initialized (± std over the draws of random weights "
+                  "and the images), of the rectified maps and of the absolute unrectified maps (ABS, Adebayo et "
+                  "al.), each beside its noise floor: the same correlation between the trained maps of different "
+                  "images. A method passes where its correlation falls to the floor.</p>",
+                  f'<p class="muted">Images: {html.escape(IMAGES_RULE)}.</p>', table]
     parts += ['<h2 id="provenance">Provenance</h2>', _provenance(sweep_dir, rows, prov)]
 
     parts.append('<h2 id="figures">Figures</h2>')

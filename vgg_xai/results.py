@@ -24,21 +24,30 @@ from .config import SCHEDULES, VARIANTS
 from .errors import UserError, format_size
 from .stats import mean_interval
 
-# What a trial's interpret/metrics.json ["summary"] holds, in the order of the table columns: the
-# scores, each faithfulness AUC beside its random-map baseline, with their standard errors over the
-# probe images and the counts they come from, and the sanity check's correlations with their spread.
-INTERPRET_COLUMNS = ["ari", "nmi", "purity", "ece",
-                     "deletion_auc", "deletion_auc_se", "deletion_auc_random", "deletion_auc_random_se",
-                     "insertion_auc", "insertion_auc_se", "insertion_auc_random", "insertion_auc_random_se",
-                     "faithfulness_n_images",
-                     "sanity_rho", "sanity_rho_std", "sanity_abs_rho", "sanity_abs_rho_std",
-                     "sanity_n_draws", "sanity_n_images", "sanity_n_degenerate"]
+# The summary values of faithfulness and of the randomization check in a trial's interpret/metrics.json
+# (post-processing writes them, None where not computed): each AUC beside its random-map baseline with
+# their standard errors; the map against the random map on the same image (the mean paired difference,
+# its standard error and paired-t p, the share of images the map wins); the image count; the randomization
+# check's two statistics (rectified maps; ABS, the absolute values of the unrectified maps) with their
+# spread and noise floors, and what they count.
+FAITHFULNESS_KEYS = [f"{mode}{part}" for mode in ("deletion", "insertion")
+                     for part in ("_auc", "_auc_se", "_auc_random", "_auc_random_se", "_vs_random", "_vs_random_se",
+                                  "_wins", "_vs_random_p")] + ["faithfulness_n_images"]
+SANITY_KEYS = ["sanity_rho", "sanity_rho_std", "sanity_floor", "sanity_floor_std", "sanity_abs_rank_rho",
+               "sanity_abs_rank_rho_std", "sanity_abs_floor", "sanity_abs_floor_std", "sanity_n_draws",
+               "sanity_n_images", "sanity_n_pairs", "sanity_n_degenerate"]
+# What a trial's interpret/metrics.json ["summary"] holds, in the order of the table columns.
+INTERPRET_COLUMNS = ["ari", "nmi", "purity", "ece", *FAITHFULNESS_KEYS, *SANITY_KEYS]
 # The ones pivoted and ranked (the rest are read with them: errors, spreads, counts).
-INTERPRET_METRICS = ["ari", "nmi", "purity", "ece", "deletion_auc", "deletion_auc_random", "insertion_auc",
-                     "insertion_auc_random", "sanity_rho", "sanity_abs_rho"]
+INTERPRET_METRICS = ["ari", "nmi", "purity", "ece", "deletion_auc", "deletion_auc_random", "deletion_vs_random",
+                     "deletion_wins", "insertion_auc", "insertion_auc_random", "insertion_vs_random", "insertion_wins",
+                     "sanity_rho", "sanity_floor", "sanity_abs_rank_rho", "sanity_abs_floor"]
+# Each faithfulness score's verdict against the random map, from its paired difference (verdict()).
+VERDICT_COLUMNS = ["deletion_verdict", "insertion_verdict"]
+BEATS, DOES_NOT = "beats the random map", "does not"
 # interpretation: done, failed (interpret/error.txt says why) or empty (not run yet).
 ROW_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "degenerate", "interpretation", "note",
-               "epochs", "best_valid_acc", "best_epoch", "test_acc", *INTERPRET_COLUMNS, "wall_s"]
+               "epochs", "best_valid_acc", "best_epoch", "test_acc", *INTERPRET_COLUMNS, *VERDICT_COLUMNS, "wall_s"]
 # The columns `pivot` aggregates over seeds.
 METRICS = ["test_acc", "best_valid_acc", "best_epoch", "epochs", *INTERPRET_METRICS, "wall_s"]
 NUMERIC_COLUMNS = [*METRICS, *(c for c in INTERPRET_COLUMNS if c not in METRICS)]
@@ -47,7 +56,8 @@ FORMATS = ("table", "md", "csv", "json", "latex")
 # randomized model's, time): `results --sort` ranks these ascending, every other one descending. A
 # random-map baseline goes the way of its score. sanity_rho is better near 0, so it is ranked by its
 # size (a strongly negative correlation is no better than a strongly positive one).
-LOWER_IS_BETTER = ("ece", "deletion_auc", "deletion_auc_random", "sanity_rho", "sanity_abs_rho", "wall_s")
+LOWER_IS_BETTER = ("ece", "deletion_auc", "deletion_auc_random", "deletion_vs_random", "sanity_rho", "sanity_floor",
+                   "sanity_abs_rank_rho", "sanity_abs_floor", "wall_s")
 BY_SIZE = ("sanity_rho",)
 # The columns of `results --sort`; the metric ranked by comes after status and the degenerate flag.
 RANK_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "degenerate", "test_acc", "best_valid_acc",
@@ -55,7 +65,7 @@ RANK_COLUMNS = ["trial_id", "variant", "lr_schedule", "seed", "status", "degener
 # Counts, printed as whole numbers (a mean over seeds with one decimal); seconds get one decimal, the
 # rest (accuracies, scores) four. CSV and JSON keep every digit.
 WHOLE_COLUMNS = ("seed", "epochs", "best_epoch", "faithfulness_n_images", "sanity_n_draws", "sanity_n_images",
-                 "sanity_n_degenerate")
+                 "sanity_n_pairs", "sanity_n_degenerate")
 # The mark of a pivot cell that averages in a degenerate trial, explained under the table.
 DAGGER = "†"
 
@@ -132,6 +142,17 @@ def _interpret_columns(trial_dir: Path) -> dict[str, Any]:
     return {"degenerate": m["degenerate"]["detected"], "reasons": m["degenerate"]["reasons"], **out}
 
 
+def verdict(row: dict[str, Any], mode: str) -> str:
+    """Whether a trial's ``mode`` ("deletion" or "insertion") map beats the random map on the same images:
+    its paired difference goes the better way (lower for deletion, higher for insertion) with a paired
+    t-test p below 0.05; "" where it was not computed."""
+    diff, p = _number(row.get(f"{mode}_vs_random")), _number(row.get(f"{mode}_vs_random_p"))
+    if diff is None or p is None:
+        return ""
+    better = diff < 0 if mode == "deletion" else diff > 0
+    return BEATS if better and p < 0.05 else DOES_NOT
+
+
 def _from_float32(x: float) -> float:
     """An exact float32 value (an accuracy computed in float32, 0.21299999952316284) as the shortest
     decimal that reads back to it (0.213); any other value as it is."""
@@ -162,6 +183,7 @@ def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
                                "seed": cfg["seed"], "status": status, "degenerate": interp.pop("degenerate"),
                                "interpretation": interpretation, "note": note, "epochs": 0,
                                "best_valid_acc": math.nan, "best_epoch": 0, "test_acc": math.nan, **interp,
+                               **{f"{m}_verdict": verdict(interp, m) for m in ("deletion", "insertion")},
                                "wall_s": math.nan}
         history = d / "history.csv"
         if history.is_file():  # a running trial: the epochs it has done so far
@@ -491,15 +513,17 @@ def render_ranked(rows: list[dict[str, Any]], metric: str, fmt: str = "table", t
 
 def _rows_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """Rows as CSV: NaN and None empty, True/False as true/false, floats at full precision."""
-    def cell(v: Any) -> Any:
+    def cell(v: Any, column: str) -> Any:
         if isinstance(v, bool):
             return "true" if v else "false"
+        if isinstance(v, float) and v.is_integer() and column in WHOLE_COLUMNS:
+            return int(v)  # a count: 260, not 260.0
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
-    w.writerows({k: cell(v) for k, v in r.items()} for r in rows)
+    w.writerows({column: cell(v, column) for column, v in r.items()} for r in rows)
     return buf.getvalue()
 
 
