@@ -335,3 +335,12 @@ def test_the_report_says_which_differences_are_real(tmp_path):
     row = next(tr for tr in section.split("<tr>") if "+0.1760" in tr)
     assert BEYOND in row and "Welch t" in row
     assert ONE_SEED in section and "add them with --set &#x27;grid.variant=[bn, plain]&#x27;" in section
+
+
+def test_the_results_root_lists_its_sweeps(tmp_path, capsys):
+    write_sweep(tmp_path, "cpu", {("bn", "const_1e-3"): BN})
+    write_sweep(tmp_path, "smoke", {("bn", "const_1e-3"): BN})
+    (tmp_path / "data").mkdir()
+    rc, out, err = run(capsys, tmp_path)
+    assert rc == 2 and err.count("\n") == 1
+    assert f"a folder of sweeps, not a sweep: cpu, smoke; pass one, e.g. `vgg-xai results {tmp_path / 'cpu'}`" in err

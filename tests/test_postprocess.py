@@ -314,7 +314,7 @@ def test_report_marks_a_degenerate_trial_and_says_where_the_results_come_from(tr
     assert 'class="banner"' not in sections[good] + sections["l2-lr1e-3-s0"]
     # Marked in the trials and interpretation tables and in the pivots it counts in.
     assert re.search(rf'<tr class=degenerate><td><a href="#t-{bad}">{bad}</a></td>.*?<td class="text">yes</td>', page)
-    assert re.search(r"<td[^>]*>0\.2000 †</td>", page)
+    assert re.search(r"<td[^>]*>0\.2000 n=1 †</td>", page)
     assert f'† includes a degenerate trial: <a href="#t-{bad}">{bad}</a>' in page
     assert f'<td class="text">degenerate: {REASON}</td>' in page  # the trials table's note says why
     assert "0.3100 ± 0.0200</td><td>0.2500 ± 0.0300</td><td>10</td>" in page  # insertion beside its baseline, n

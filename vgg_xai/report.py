@@ -30,6 +30,7 @@ SWEEP_FIGURES = {
     "cam_grid": "Class activation maps of the probe images, every trial (variant x schedule)",
     "tsne_grid": "t-SNE of the test-set feature vectors, every trial (variant x schedule)",
 }
+FIRST_FIGURES = ("accuracy", "valid_curves")  # shown under the accuracy pivot, at the top
 TRIAL_FIGURES = {
     "curves": "Loss and accuracy",
     "confusion": "Confusion matrix, per-class accuracy, reliability diagram (ECE)",
@@ -471,7 +472,9 @@ def build_html(sweep_dir: Path) -> str:
     interpreted = [r for r in rows if (sweep_dir / "trials" / r["trial_id"] / "interpret" / "metrics.json").is_file()]
     degenerate = [r["trial_id"] for r in rows if r.get("degenerate")]
     table = _interpretation_table(interpreted)
-    sections = [("results", "Results"), ("compare", "Differences")] + ([("interpretation", "Interpretation")] if table else []) + \
+    pivots = [(metric, title) for metric, title in METRICS.items() if _has(rows, metric)]
+    sections = [("results", "Results"), ("compare", "Differences")] + ([("pivots", "Pivots")] if pivots else []) + \
+        ([("interpretation", "Interpretation")] if table else []) + \
         [("provenance", "Provenance"), ("figures", "Figures")] + [(f"v-{quote(v)}", v) for v in variants]
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(name)}: "
              f"vgg-xai report</title><style>{CSS}</style></head><body>",
@@ -481,17 +484,21 @@ def build_html(sweep_dir: Path) -> str:
                "PNG.</p>",
              "<nav>" + "".join(f'<a href="#{html.escape(a)}">{html.escape(t)}</a>' for a, t in sections) + "</nav>",
              '<h2 id="results">Results</h2><h3>Test accuracy</h3>', _pivot_table(accuracy)]
-    if rows:
-        parts += ['<h3 id="compare">Which differences are real</h3>',
-                  _compare_tables(compare(rows, "test_acc", **_references(sweep_dir)))]
-    for metric, title in METRICS.items():
-        if _has(rows, metric):
-            base = pivot(rows, BASELINES[metric]) if metric in BASELINES and _has(rows, BASELINES[metric]) else None
-            parts += [f"<h3>{html.escape(title)}</h3>", _pivot_table(pivot(rows, metric), base)]
+    # What a reader looks at first: the accuracy, its chart and curves, the trials; the rest below.
+    parts.append(_figures([_figure(sweep_dir, sweep_dir / "figures" / f"{fig}.png", SWEEP_FIGURES[fig], SWEEP_THUMB_PX)
+                           for fig in FIRST_FIGURES if (sweep_dir / "figures" / f"{fig}.png").is_file()]))
     columns = [c for c in ("trial_id", "variant", "lr_schedule", "seed", "status", "degenerate", "epochs",
                            "best_valid_acc", "best_epoch", "test_acc", "wall_s", "note")
                if c not in ("degenerate", "note") or any(r.get(c) is not None and r.get(c) != "" for r in rows)]
     parts += ["<h3>Trials</h3>", _rows_table(rows, columns)]
+    if rows:
+        parts += ['<h3 id="compare">Which differences are real</h3>',
+                  _compare_tables(compare(rows, "test_acc", **_references(sweep_dir)))]
+    if pivots:
+        parts.append('<h2 id="pivots">Pivots of the other metrics</h2>')
+    for metric, title in pivots:
+        base = pivot(rows, BASELINES[metric]) if metric in BASELINES and _has(rows, BASELINES[metric]) else None
+        parts += [f"<h3>{html.escape(title)}</h3>", _pivot_table(pivot(rows, metric), base)]
     if table:
         parts += ['<h2 id="interpretation">Interpretation</h2>',
                   "<p class=\"muted\">Per trial: each faithfulness score beside the same score of a random map "
@@ -509,7 +516,7 @@ def build_html(sweep_dir: Path) -> str:
     parts.append('<h2 id="figures">Figures</h2>')
     parts.append(_figures([_figure(sweep_dir, sweep_dir / "figures" / f"{fig}.png", caption, SWEEP_THUMB_PX)
                            for fig, caption in SWEEP_FIGURES.items()
-                           if (sweep_dir / "figures" / f"{fig}.png").is_file()]))
+                           if fig not in FIRST_FIGURES and (sweep_dir / "figures" / f"{fig}.png").is_file()]))
     for v in variants:
         parts.append(f'<h2 id="v-{html.escape(quote(v))}">Variant {html.escape(v)}</h2>')
         parts += [_trial_section(sweep_dir, r, prov[r["trial_id"]]) for r in rows if r["variant"] == v]

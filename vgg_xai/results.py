@@ -214,6 +214,12 @@ def load_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
             raise UserError(f"{table}: not a vgg-xai results table ({e}); run `vgg-xai postprocess` again") from None
         return [_clean({c: math.nan if r.get(c) is None and c in NUMERIC_COLUMNS else r.get(c) for c in ROW_COLUMNS})
                 for r in saved]
+    held = sorted(d.name for d in sweep_dir.iterdir() if (d / "trials").is_dir() or (d / "tables").is_dir()) \
+        if sweep_dir.is_dir() else []
+    if held:  # the results root: name its sweeps
+        shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
+        raise UserError(f"{sweep_dir}: a folder of sweeps, not a sweep: {shown}; pass one, e.g. "
+                        f"`vgg-xai results {sweep_dir / held[0]}`")
     raise UserError(f"{sweep_dir}: not a sweep folder (no trials/ or tables/accuracy.json); pass results/<sweep>, "
                     f"or copy one from a cluster with `vgg-xai results pull HOST:PATH {sweep_dir}`")
 
