@@ -194,7 +194,13 @@ PROBE_BODY = ("<script>addEventListener('load',()=>{const im=[...document.images
               "const hrefs=[...new Set([...document.querySelectorAll('a[href$=\".png\"]')].map(a=>a.href))];"
               "Promise.all(hrefs.map(h=>new Promise(ok=>{const i=new Image();i.onload=()=>ok(i.naturalWidth?'':h);"
               "i.onerror=()=>ok(h);i.src=h}))).then(r=>{b.links=hrefs.length;"
-              "b.badlinks=JSON.stringify(r.filter(x=>x));b.errors=JSON.stringify(__errs)})});</script>")
+              "b.badlinks=JSON.stringify(r.filter(x=>x));b.errors=JSON.stringify(__errs)});"
+              # the layout in a 1400 px window: how wide the page is (a wide table scrolls in its own box),
+              # where the accuracy chart and the pivots of the other metrics begin
+              "b.pagewidth=document.documentElement.scrollWidth;b.window=innerWidth;"
+              "const top=s=>{const e=document.querySelector(s);return e?Math.round(e.getBoundingClientRect().top):-1};"
+              "b.chart=top('img[alt^=\"accuracy\"],a[href$=\"figures/accuracy.png\"] img');b.pivots=top('#pivots')});"
+              "</script>")
 
 
 def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
@@ -212,7 +218,7 @@ def _rendered(tmp: Path, report: Path) -> dict[str, str]:
     page = report.read_text()
     probe = report.with_name("probe.html")
     probe.write_text(page.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_BODY + "</body>", 1))
-    dom = _chromium(tmp, "--dump-dom", probe.as_uri()).stdout
+    dom = _chromium(tmp, "--window-size=1400,900", "--dump-dom", probe.as_uri()).stdout
     probe.unlink()
     body = re.search(r"<body([^>]*)>", dom)
     assert body, dom[:500]
@@ -245,6 +251,10 @@ def test_report_renders_in_headless_chromium(trained_sweep, tmp_path):
         assert int(attrs["images"]) == page.count("<img ") and attrs["broken"] == "0", (folder, attrs)
         assert int(attrs["links"]) == len(links) and json.loads(attrs["badlinks"]) == [], (folder, attrs)
         assert json.loads(attrs["errors"]) == [], (folder, attrs)
+        # It fits the window (the interpretation table scrolls in its box), and the accuracy chart comes
+        # before the pivots of the other metrics, near the top.
+        assert int(attrs["pagewidth"]) <= int(attrs["window"]) == 1400, attrs
+        assert 0 < int(attrs["chart"]) < int(attrs["pivots"]) and int(attrs["chart"]) < 2000, attrs
 
     shot = tmp_path / "report.png"
     run = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,3000", (pulled / "report.html").as_uri())

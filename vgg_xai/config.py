@@ -7,6 +7,7 @@ the key and the allowed values.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -362,8 +363,8 @@ class JobSpec:
             tid = cfg.trial_id + "".join(f"-{k}{d[k]}" for k in shown)
             check_name(f"{where}: the trial id made of {', '.join((*ID_AXES, *shown))}", tid)
             out.append((tid, cfg))
-        ids = [t for t, _ in out]
-        dup = sorted({t for t in ids if ids.count(t) > 1})
+        counts = collections.Counter(t for t, _ in out)  # linear: 40,000 trials plan in seconds
+        dup = sorted(t for t, n in counts.items() if n > 1)
         if dup:
             raise UserError(f"{where}: the grid repeats trials ({', '.join(dup[:3])}); remove duplicate list values")
         return out
