@@ -10,6 +10,7 @@ import io
 import json
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -93,8 +94,10 @@ def test_status_of_a_folder_that_is_not_a_sweep_is_one_line(tmp_path):
 
 
 def test_status_reads_a_sweep_nobody_runs(tmp_path):
-    """Trial folders as a stopped sweep leaves them: one finished, one stopped part-way (its process
-    gone), one failed, one never started."""
+    """Trial folders as a stopped sweep leaves them: one finished, two stopped part-way (one last run
+    elsewhere, one by a process of this host that has exited), one failed, one never started."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a real PID of this host whose process is gone
     trials = tmp_path / "s" / "trials"
     hist = "epoch,lr,train_loss,train_acc,valid_loss,valid_acc,seconds,images_per_s,status\n"
     for tid, files in {
@@ -104,6 +107,8 @@ def test_status_reads_a_sweep_nobody_runs(tmp_path):
               "attempts.jsonl": json.dumps({"host": "elsewhere", "pid": 1, "start_epoch": 0}) + "\n"},
         "c": {"error.txt": "Traceback ...\nRuntimeError: boom\n"},
         "d": {},
+        "e": {"history.csv": hist + "1,0.001,2.0,0.3,2.0,0.35,20.0,50.0,ok\n",
+              "attempts.jsonl": json.dumps({"host": socket.gethostname(), "pid": gone.pid, "start_epoch": 0}) + "\n"},
     }.items():
         (trials / tid).mkdir(parents=True)
         (trials / tid / "config.json").write_text(json.dumps({"epochs": 2, "variant": "bn", "lr_schedule": "x",
@@ -114,11 +119,14 @@ def test_status_reads_a_sweep_nobody_runs(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "sweep s: 1/4 done, 0 running, 2 pending, 1 failed · no driver running"
-    assert lines[1] == "3 of 4 trials have no result and nothing is running them; run the same `vgg-xai sweep` " \
+    # the stopped trials are neither pending nor running, and the sweep, with nothing running, has no ETA
+    assert lines[0] == "sweep s: 1/5 done, 0 running, 2 stopped, 1 pending, 1 failed · no driver running"
+    assert lines[1] == "4 of 5 trials have no result and nothing is running them; run the same `vgg-xai sweep` " \
                        "command again"
     row = {line.split()[0]: line for line in lines[3:]}
     assert row["a"].split()[1:5] == ["completed:", "test", "0.500", "2/2"]
-    assert row["b"].split()[1:5] == ["stopped:", "at", "epoch", "1"] and "elsewhere:1" in row["b"]
+    for tid in ("b", "e"):  # no ETA and no process: nothing runs it
+        assert row[tid].split() == [tid, "stopped:", "at", "epoch", "1", "1/2", "0.300", "0.350", "50"], r.stdout
+    assert "elsewhere" not in r.stdout and f":{gone.pid}" not in r.stdout
     assert "failed: RuntimeError: boom" in row["c"]
     assert row["d"].split()[1:4] == ["pending:", "not", "started"]

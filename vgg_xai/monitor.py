@@ -45,18 +45,22 @@ def new_row(trial_id: str, epochs: int) -> dict[str, Any]:
 
 
 def _eta(row: dict[str, Any]) -> float | None:
-    """Seconds the trial has left at its mean epoch time; None when unknown or not running."""
-    if row["status"] not in ("running", "pending", "stopped", "waiting") or not row["epoch_s"]:
+    """Seconds the trial has left at its mean epoch time; None when unknown, or when nothing will run it
+    (stopped: it has no time left until a sweep runs it again)."""
+    if row["status"] not in ("running", "pending", "waiting") or not row["epoch_s"]:
         return None
     return max(0, row["epochs"] - row["epoch"]) * sum(row["epoch_s"]) / len(row["epoch_s"])
 
 
 def progress_line(name: str, rows: list[dict[str, Any]], elapsed: float | None, driver: str = "") -> str:
-    """sweep NAME: 3/15 done, 2 running, 9 pending, 1 failed · elapsed 1m05s · eta 4m10s"""
+    """sweep NAME: 3/15 done, 2 running, 9 pending, 1 failed · elapsed 1m05s · eta 4m10s
+
+    Stopped trials (nothing runs them any more) are counted apart, where there are any:
+    sweep NAME: 3/15 done, 0 running, 1 stopped, 10 pending, 1 failed"""
     count = lambda *states: sum(r["status"] in states for r in rows)  # noqa: E731
-    done, running, failed = count(*FINISHED), count("running"), count("failed")
-    parts = [f"{done}/{len(rows)} done", f"{running} running",
-             f"{len(rows) - done - running - failed} pending", f"{failed} failed"]
+    done, running, stopped, failed = count(*FINISHED), count("running"), count("stopped"), count("failed")
+    parts = [f"{done}/{len(rows)} done", f"{running} running"] + ([f"{stopped} stopped"] if stopped else []) + \
+            [f"{len(rows) - done - running - stopped - failed} pending", f"{failed} failed"]
     line = f"sweep {name}: " + ", ".join(parts)
     if elapsed is not None:
         line += f" · elapsed {duration(elapsed)}"
@@ -231,8 +235,8 @@ def trial_row(trial_dir: Path, *, driver_alive: bool, jobs_active: bool) -> dict
         r["status"] = "running"
     elif driver_alive or jobs_active:
         r.update(status="waiting", note="to be retried")
-    else:
-        r.update(status="stopped", note=f"at epoch {r['epoch']}")
+    else:  # its process is gone: no process to show, and no time left until a sweep runs it again
+        r.update(status="stopped", note=f"at epoch {r['epoch']}", where="")
     return r
 
 
