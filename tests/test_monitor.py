@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -130,3 +131,27 @@ def test_status_reads_a_sweep_nobody_runs(tmp_path):
     assert "elsewhere" not in r.stdout and f":{gone.pid}" not in r.stdout
     assert "failed: RuntimeError: boom" in row["c"]
     assert row["d"].split()[1:4] == ["pending:", "not", "started"]
+
+
+def test_status_prints_the_command_that_continues_the_sweep(tmp_path, monkeypatch):
+    """The command a sweep recorded, as the CLI records it from its arguments (--force-new left out:
+    it would start over), printed to paste: as is in the folder it ran in, after a `cd` elsewhere."""
+    from vgg_xai.cli import _spec_command, build_parser
+    from vgg_xai.monitor import record_command
+
+    sweep, work = tmp_path / "results" / "s", tmp_path / "work"
+    (sweep / "trials" / "a").mkdir(parents=True)
+    (sweep / "trials" / "a" / "config.json").write_text(json.dumps({"epochs": 2}))
+    work.mkdir()
+    args = build_parser().parse_args(["sweep", "jobs/smoke.yaml", "--data", "../data/cifar 10.tar.gz", "--force-new",
+                                      "--set", "grid.variant=[bn, plain]", "--set", "training.epochs=1"])
+    monkeypatch.chdir(work)
+    record_command(sweep, _spec_command("sweep", args))
+    command = "vgg-xai sweep jobs/smoke.yaml --data '../data/cifar 10.tar.gz' --set 'grid.variant=[bn, plain]' " \
+              "--set training.epochs=1"
+    for cwd, line in ((work, f"  {command}"), (tmp_path, f"  cd {work} && {command}")):
+        r = subprocess.run([sys.executable, "-m", "vgg_xai.cli", "status", str(sweep)], capture_output=True,
+                           text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[1:3] == ["1 of 1 trials have no result and nothing is running them; to continue, run:", line]

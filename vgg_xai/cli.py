@@ -211,12 +211,28 @@ def _load_spec(args: argparse.Namespace):
     return spec
 
 
+def _spec_command(command: str, args: argparse.Namespace, *extra: str) -> list[str]:
+    """The command line that runs this spec again as given (--force-new left out: the rerun continues)."""
+    argv = ["vgg-xai", command, str(args.spec)]
+    if args.data is not None:
+        argv += ["--data", str(args.data)]
+    if args.results is not None:
+        argv += ["--results", str(args.results)]
+    for s in args.set:
+        argv += ["--set", s]
+    return argv + list(extra)
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .config import ClusterProfile
+    from .monitor import record_command
     from .slurm import submit
 
     out = submit(_load_spec(args), ClusterProfile.from_yaml(args.cluster), data=args.data, mode=args.mode,
                  max_concurrent=args.max_concurrent, force_new=args.force_new)
+    extra = ["--cluster", str(args.cluster)] + (["--mode", args.mode] if args.mode != "ray" else []) + \
+        (["--max-concurrent", str(args.max_concurrent)] if args.max_concurrent is not None else [])
+    record_command(Path(out["sweep_dir"]), _spec_command("submit", args, *extra))
     for j in out["jobs"]:
         print(f"{j['role']:<12} {j['job_id']}" + (f"  {j['trial_id']}" if "trial_id" in j else ""))
     print(f"results: {out['sweep_dir']}")
@@ -359,6 +375,7 @@ def _print_epoch(m: dict, _ckpt: Path) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from . import sweep
     from .locks import driving
+    from .monitor import record_command
 
     spec = _load_spec(args)
     if args.dry_run:
@@ -370,6 +387,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep.check_inputs(spec, data=args.data, check_local=not args.address, address=args.address)  # nothing written yet
     with driving(sweep.sweep_dir_of(spec)):
         plan = sweep.plan(spec, data=args.data, force_new=args.force_new, check_local=not args.address)
+        record_command(plan.sweep_dir, _spec_command("sweep", args, *(["--address", args.address] if args.address
+                                                                       else [])))
         try:
             outcome = sweep.run(plan, address=args.address)
         except KeyboardInterrupt:

@@ -240,6 +240,31 @@ def trial_row(trial_dir: Path, *, driver_alive: bool, jobs_active: bool) -> dict
     return r
 
 
+COMMAND = "command.json"  # in the sweep folder: the command line that last ran the sweep, and where
+
+
+def record_command(sweep_dir: Path, argv: list[str]) -> None:
+    """Keep the command that runs the sweep (``vgg-xai sweep ...`` or ``vgg-xai submit ...``, with its
+    --data and --set flags) and the folder it ran in, for `status` to print the command that continues it."""
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(Path(sweep_dir) / COMMAND, json.dumps({"argv": list(argv), "cwd": os.getcwd()}))
+
+
+def continue_command(sweep_dir: Path) -> str | None:
+    """The recorded command, as a shell line to copy, prefixed with a `cd` where it ran in another folder
+    than this one (its paths may be relative); None where the sweep recorded none."""
+    import shlex
+
+    try:
+        rec = json.loads((Path(sweep_dir) / COMMAND).read_text())
+        argv, cwd = [str(x) for x in rec["argv"]], str(rec["cwd"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    line = shlex.join(argv)
+    return line if Path(cwd) == Path.cwd() else f"cd {shlex.quote(cwd)} && {line}"
+
+
 Jobs = Callable[[Path], tuple[list[str], bool]]  # a sweep folder -> its SLURM job lines, and whether any is queued
 
 
@@ -272,8 +297,13 @@ def status(sweep_dir: str | Path, height: int | None = None, width: int | None =
     head = [progress_line(sweep_dir.name, rows, elapsed, who)] + job_lines
     unfinished = [r for r in rows if r["status"] not in FINISHED]
     if unfinished and driver is None and not active:
-        hint = ("`vgg-xai submit` the same spec again" if job_lines else "run the same `vgg-xai sweep` command again")
-        head.append(f"{len(unfinished)} of {len(rows)} trials have no result and nothing is running them; {hint}")
+        left = f"{len(unfinished)} of {len(rows)} trials have no result and nothing is running them"
+        command = continue_command(sweep_dir)
+        if command:
+            head += [f"{left}; to continue, run:", f"  {command}"]
+        else:  # a sweep folder from before commands were recorded
+            hint = "`vgg-xai submit` the same spec again" if job_lines else "run the same `vgg-xai sweep` command again"
+            head.append(f"{left}; {hint}")
     if height is None:
         return "\n".join(head + [""] + table(rows, width))
     return "\n".join(fit(head + [""], rows, height, width or 200, f"vgg-xai status {sweep_dir}"))
