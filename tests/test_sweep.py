@@ -223,7 +223,17 @@ def test_a_trial_that_fails_for_good_is_recorded_and_the_sweep_goes_on(tmp_path,
     rows = {r["trial_id"]: r for r in collect_rows(tmp_path / "results" / "t")}
     assert rows["bn-lr1e-3-s0"]["status"] == "completed"
     assert rows["bn-lr1e-3-s1"]["status"] == "failed"
-    assert "IsADirectoryError" in (broken / "error.txt").read_text()
+    error = (broken / "error.txt").read_text()
+    # the trial's own exception first, then its traceback, in plain text: no Ray wrapper, no colour codes
+    first = error.splitlines()[0]
+    assert first.startswith("IsADirectoryError: [Errno 21] Is a directory: ") and "attempts.jsonl" in first, error
+    assert error.splitlines()[2] == "Traceback (most recent call last):" and "train.py" in error, error
+    # from the trial's own first frame: Ray's frames above it, and their stray carets, are left out
+    assert "vgg_xai" in error.splitlines()[3] and f"{os.sep}ray{os.sep}" not in error, error
+    lines = error.splitlines()
+    assert all(lines[i - 1].startswith("    ") and lines[i - 1].strip(" ^~") for i, x in enumerate(lines)
+               if i > 3 and x.strip() and not x.strip(" ^~")), error  # a caret line only under its source line
+    assert error.splitlines()[-1] == first and "\x1b" not in error and "RayTaskError" not in error, error
     assert "IsADirectoryError" in rows["bn-lr1e-3-s1"]["note"]
     assert "failed after 1 retries: bn-lr1e-3-s1" in out
     assert "Traceback" not in out  # Tune's own log of each failed attempt stays out of the output
