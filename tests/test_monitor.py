@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -93,8 +95,10 @@ def test_status_of_a_folder_that_is_not_a_sweep_is_one_line(tmp_path):
 
 
 def test_status_reads_a_sweep_nobody_runs(tmp_path):
-    """Trial folders as a stopped sweep leaves them: one finished, one stopped part-way (its process
-    gone), one failed, one never started."""
+    """Trial folders as a stopped sweep leaves them: one finished, two stopped part-way (one last run
+    elsewhere, one by a process of this host that has exited), one failed, one never started."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a real PID of this host whose process is gone
     trials = tmp_path / "s" / "trials"
     hist = "epoch,lr,train_loss,train_acc,valid_loss,valid_acc,seconds,images_per_s,status\n"
     for tid, files in {
@@ -104,6 +108,8 @@ def test_status_reads_a_sweep_nobody_runs(tmp_path):
               "attempts.jsonl": json.dumps({"host": "elsewhere", "pid": 1, "start_epoch": 0}) + "\n"},
         "c": {"error.txt": "Traceback ...\nRuntimeError: boom\n"},
         "d": {},
+        "e": {"history.csv": hist + "1,0.001,2.0,0.3,2.0,0.35,20.0,50.0,ok\n",
+              "attempts.jsonl": json.dumps({"host": socket.gethostname(), "pid": gone.pid, "start_epoch": 0}) + "\n"},
     }.items():
         (trials / tid).mkdir(parents=True)
         (trials / tid / "config.json").write_text(json.dumps({"epochs": 2, "variant": "bn", "lr_schedule": "x",
@@ -114,11 +120,38 @@ def test_status_reads_a_sweep_nobody_runs(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "sweep s: 1/4 done, 0 running, 2 pending, 1 failed · no driver running"
-    assert lines[1] == "3 of 4 trials have no result and nothing is running them; run the same `vgg-xai sweep` " \
+    # the stopped trials are neither pending nor running, and the sweep, with nothing running, has no ETA
+    assert lines[0] == "sweep s: 1/5 done, 0 running, 2 stopped, 1 pending, 1 failed · no driver running"
+    assert lines[1] == "4 of 5 trials have no result and nothing is running them; run the same `vgg-xai sweep` " \
                        "command again"
     row = {line.split()[0]: line for line in lines[3:]}
     assert row["a"].split()[1:5] == ["completed:", "test", "0.500", "2/2"]
-    assert row["b"].split()[1:5] == ["stopped:", "at", "epoch", "1"] and "elsewhere:1" in row["b"]
+    for tid in ("b", "e"):  # no ETA and no process: nothing runs it
+        assert row[tid].split() == [tid, "stopped:", "at", "epoch", "1", "1/2", "0.300", "0.350", "50"], r.stdout
+    assert "elsewhere" not in r.stdout and f":{gone.pid}" not in r.stdout
     assert "failed: RuntimeError: boom" in row["c"]
     assert row["d"].split()[1:4] == ["pending:", "not", "started"]
+
+
+def test_status_prints_the_command_that_continues_the_sweep(tmp_path, monkeypatch):
+    """The command a sweep recorded, as the CLI records it from its arguments (--force-new left out:
+    it would start over), printed to paste: as is in the folder it ran in, after a `cd` elsewhere."""
+    from vgg_xai.cli import _spec_command, build_parser
+    from vgg_xai.monitor import record_command
+
+    sweep, work = tmp_path / "results" / "s", tmp_path / "work"
+    (sweep / "trials" / "a").mkdir(parents=True)
+    (sweep / "trials" / "a" / "config.json").write_text(json.dumps({"epochs": 2}))
+    work.mkdir()
+    args = build_parser().parse_args(["sweep", "jobs/smoke.yaml", "--data", "../data/cifar 10.tar.gz", "--force-new",
+                                      "--set", "grid.variant=[bn, plain]", "--set", "training.epochs=1"])
+    monkeypatch.chdir(work)
+    record_command(sweep, _spec_command("sweep", args))
+    command = "vgg-xai sweep jobs/smoke.yaml --data '../data/cifar 10.tar.gz' --set 'grid.variant=[bn, plain]' " \
+              "--set training.epochs=1"
+    for cwd, line in ((work, f"  {command}"), (tmp_path, f"  cd {work} && {command}")):
+        r = subprocess.run([sys.executable, "-m", "vgg_xai.cli", "status", str(sweep)], capture_output=True,
+                           text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[1:3] == ["1 of 1 trials have no result and nothing is running them; to continue, run:", line]

@@ -1,7 +1,8 @@
-"""Every command the README shows, run as written, in the README's order, as a user runs them.
+"""Every command the README and the reference (docs/*.md) show, run as written, in their order, as a
+user runs them.
 
-The README is a test: a command that is added, changed or removed there without being walked
-here fails `test_every_readme_command_is_walked`. Placeholders are filled in as a user would:
+The README and docs/*.md are a test: a command that is added, changed or removed there without being
+walked here fails `test_every_readme_command_is_walked`. Placeholders are filled in as a user would:
 PATH (and PATH/TO/cifar10) is the real CIFAR-10 archive, HOST:/scratch/me/ is this machine's
 walk-through folder reached over a stand-in ssh (no network). Commands run in a fresh folder
 holding the repo's jobs/ and cluster/ (so results/ is the test's own), but `pip install`, which
@@ -29,9 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 
 
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def readme_commands() -> list[str]:
-    """The command lines of the README's ```bash blocks, comments stripped, in order."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    """The command lines of the ```bash blocks of the README, then of docs/*.md, comments stripped, in order."""
+    blocks = [b for doc in DOCS for b in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)]
     lines = []
     for block in blocks:
         for line in block.splitlines():
@@ -150,7 +154,7 @@ def _walk_line(walk: Shell, line: str, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-# The README's commands this module runs to success, in the README's order (the lines in
+# The commands of the README and docs/*.md this module runs to success, in their order (the lines in
 # REFUSED_HERE are walked in their places too).
 WALK = [
     'pip install -e ".[dev]"',
@@ -212,7 +216,7 @@ def test_not_run_here(line):
 
 
 def test_the_cpu_study_plans(walk):
-    """jobs/cpu.yaml as the README describes it: the seed's 15 trials on the full training split."""
+    """jobs/cpu.yaml as the README describes it: the seed study's 15 trials on the full training split."""
     r = walk.run(f"vgg-xai sweep jobs/cpu.yaml --dry-run --data {SHARED_DATA}")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("sweep cpu: 15 trials, 1 CPU and 0 GPU each"), r.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -122,7 +123,9 @@ def test_one_ctrl_c_stops_the_sweep_quietly_and_the_rerun_continues(tmp_path, ti
                                              "epochs": [1, 30]}, training={"epochs": None})
     sweep_dir = tmp_path / "results" / "t"
     trials = sweep_dir / "trials"
-    proc = _sweep(spec, start_new_session=True)  # its own process group, as a shell's foreground job
+    # --data and --set as a user gives them (the same values as the spec's: the spec is unchanged)
+    given = ["--data", str(tiny_cache), "--set", "retries=1", "--set", "grid.seed=[0]"]
+    proc = _sweep(spec, *given, start_new_session=True)  # its own process group, as a shell's foreground job
     short = _wait_for(lambda: [p.parent for p in trials.glob("*-epochs1/result.json")], 300, "a finished trial",
                       proc)
     long_running = _wait_for(lambda: [p.parent for p in trials.glob("*-epochs30/checkpoint.pt")], 300,
@@ -156,14 +159,30 @@ def test_one_ctrl_c_stops_the_sweep_quietly_and_the_rerun_continues(tmp_path, ti
     assert watched.count("sweep t:") >= 2 and "no driver running" in watched.split("sweep t:")[-1], watched
 
     st = _cli("status", str(sweep_dir)).stdout
-    assert "no driver running" in st and "run the same `vgg-xai sweep` command again" in st, st
+    head = st.splitlines()
+    states = [line.split()[1].rstrip(":") for line in head[5:] if line.strip()]
+    n = {k: states.count(k) for k in ("completed", "stopped", "pending")}
+    assert len(states) == 4 and n["stopped"] >= 1 and sum(n.values()) == 4, st
+    # the stopped trials are counted as such, not as pending or running; nothing runs, so no ETA
+    assert head[0] == f"sweep t: {n['completed']}/4 done, 0 running, {n['stopped']} stopped, {n['pending']} pending, " \
+                      "0 failed · no driver running", st
+    # the command that continues the sweep, with its --data and --set flags, from the folder it ran in
+    assert head[1] == f"{4 - n['completed']} of 4 trials have no result and nothing is running them; to continue, " \
+                      "run:", st
+    assert head[2] == f"  vgg-xai sweep {spec} " + " ".join(shlex.quote(x) for x in given), st
     stopped = [line for line in st.splitlines() if line.startswith(d.name)][0]
-    assert stopped.split()[1] == "stopped:", st
+    # trial, "stopped: at epoch N", epoch, accuracies, img/s: no ETA and no process after them
+    assert stopped.split()[1:4] == ["stopped:", "at", "epoch"] and len(stopped.split()) == 9, st
+    assert f":{worker['pid']}" not in stopped, st
     stamps = {d: (d / "result.json").stat().st_mtime_ns for d in short}
 
-    proc = _sweep(spec)
+    # the printed command, run as a user pastes it into a shell
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(["bash", "-c", head[2].strip()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
+    assert f"{4 - n['completed']} trials to run, {n['completed']} finished earlier" in out, out
     for d in short:  # not trained again
         assert (d / "result.json").stat().st_mtime_ns == stamps[d] and len(_attempts(d)) == 1
     for d in long_running:  # went on from its checkpoint
@@ -204,7 +223,17 @@ def test_a_trial_that_fails_for_good_is_recorded_and_the_sweep_goes_on(tmp_path,
     rows = {r["trial_id"]: r for r in collect_rows(tmp_path / "results" / "t")}
     assert rows["bn-lr1e-3-s0"]["status"] == "completed"
     assert rows["bn-lr1e-3-s1"]["status"] == "failed"
-    assert "IsADirectoryError" in (broken / "error.txt").read_text()
+    error = (broken / "error.txt").read_text()
+    # the trial's own exception first, then its traceback, in plain text: no Ray wrapper, no colour codes
+    first = error.splitlines()[0]
+    assert first.startswith("IsADirectoryError: [Errno 21] Is a directory: ") and "attempts.jsonl" in first, error
+    assert error.splitlines()[2] == "Traceback (most recent call last):" and "train.py" in error, error
+    # from the trial's own first frame: Ray's frames above it, and their stray carets, are left out
+    assert "vgg_xai" in error.splitlines()[3] and f"{os.sep}ray{os.sep}" not in error, error
+    lines = error.splitlines()
+    assert all(lines[i - 1].startswith("    ") and lines[i - 1].strip(" ^~") for i, x in enumerate(lines)
+               if i > 3 and x.strip() and not x.strip(" ^~")), error  # a caret line only under its source line
+    assert error.splitlines()[-1] == first and "\x1b" not in error and "RayTaskError" not in error, error
     assert "IsADirectoryError" in rows["bn-lr1e-3-s1"]["note"]
     assert "failed after 1 retries: bn-lr1e-3-s1" in out
     assert "Traceback" not in out  # Tune's own log of each failed attempt stays out of the output

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -67,6 +68,37 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_cache, tmp_path):
     # the init weights were kept from the first start and differ from the trained ones
     init = checkpoint.load(tmp_path / "cut" / "checkpoint_init.pt")["model"]
     assert not torch.equal(init["features.conv1.weight"], b["model"]["features.conv1.weight"])
+
+
+def test_wall_time_counts_every_attempt_and_keeps_the_last_apart(tiny_cache, tmp_path):
+    """A trial stopped after its first epoch and resumed: result.json's wall_s holds the first attempt's
+    epoch as well as the whole second attempt (attempt_s); a fresh start in the same folder is one attempt."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(m, _):
+        if m["epoch"] == 1:
+            raise Stop
+
+    cfg = _cfg(tiny_cache, variant="bn", epochs=3)
+    with pytest.raises(Stop):
+        run_trial(cfg, tmp_path, report=stop_after_first)
+    time.sleep(1.0)  # a pause between the attempts, which no attempt's time may count
+    result = run_trial(cfg, tmp_path, resume=True)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    seconds = [float(r["seconds"]) for r in csv.DictReader(open(tmp_path / "history.csv"))]
+    assert len(seconds) == 3 and saved["attempts"] == result.attempts == 2
+    assert saved["wall_s"] == result.wall_s and saved["attempt_s"] == result.attempt_s
+    # the first attempt's epoch plus the whole of the second, which holds epochs 2 and 3
+    assert saved["wall_s"] == pytest.approx(seconds[0] + saved["attempt_s"])
+    assert saved["attempt_s"] > seconds[1] + seconds[2] and saved["wall_s"] > sum(seconds)
+    log = (tmp_path / "trial.log").read_text().splitlines()
+    assert log[-1].endswith(f"; {saved['wall_s']:.1f} s over 2 attempts, {saved['attempt_s']:.1f} s this one")
+
+    fresh = run_trial(cfg, tmp_path)  # from scratch in the same folder: the earlier attempts are another training
+    assert fresh.attempts == 1 and fresh.wall_s == fresh.attempt_s
+    assert len((tmp_path / "attempts.jsonl").read_text().splitlines()) == 3
 
 
 def test_resume_refuses_another_configuration(tiny_cache, tmp_path):

@@ -1,5 +1,5 @@
-"""A trial's own output: trial.log (every attempt), `vgg-xai logs`, TensorBoard event files, and the
-lines `vgg-xai data prepare` prints where stderr is not a terminal."""
+"""A trial's own output: trial.log (every attempt), `vgg-xai logs`, TensorBoard event files, the
+error.txt of a failed trial, and the lines `vgg-xai data prepare` prints where stderr is not a terminal."""
 
 from __future__ import annotations
 
@@ -269,3 +269,38 @@ def test_prepare_says_each_stage_where_stderr_is_a_pipe(sources, tmp_path):
     os.close(primary)
     assert p.wait(timeout=120) == 0 and p.stdout.read() == f"{cache}\n"
     assert STAGE.encode() not in seen
+
+
+def _raise_from_trial():
+    raise RuntimeError("CUDA out of memory while training")
+
+
+def test_error_txt_starts_with_the_trial_s_own_exception_in_plain_text():
+    """What Ray hands the driver for a failed trial: a RayTaskError made from the trial's real
+    traceback, as the instance of the trial's exception class Ray raises (in terminal colours)."""
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    from vgg_xai.runtime import error_text
+
+    try:
+        _raise_from_trial()
+    except RuntimeError as e:
+        wrapped = RayTaskError("train", traceback.format_exc(), e, proctitle="ray::ImplicitFunc.train", pid=4242,
+                               ip="127.0.0.1").as_instanceof_cause()
+    raw = f"{type(wrapped).__name__}: {wrapped}"
+    assert raw.startswith("RayTaskError(RuntimeError): \x1b[36mray::ImplicitFunc.train()"), raw  # what it was
+    text = error_text(wrapped)
+    lines = text.splitlines()
+    assert lines[0] == "RuntimeError: CUDA out of memory while training"
+    assert lines[1] == "" and lines[2] == "Traceback (most recent call last):"
+    assert any("in _raise_from_trial" in x for x in lines) and lines[-1] == lines[0]  # the tables quote the last
+    assert "\x1b" not in text and "RayTaskError" not in text and "ray::" not in text
+    # an exception of this process, with its traceback; one without (a UserError Ray carried): the line alone
+    try:
+        _raise_from_trial()
+    except RuntimeError as e:
+        local = error_text(e)
+    assert local.splitlines()[0] == lines[0] and "in _raise_from_trial" in local
+    assert error_text(UserError("data: no such file")) == "UserError: data: no such file\n"

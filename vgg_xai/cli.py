@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "with pull: where from and where to")
     res.add_argument("--format", choices=("table", "md", "csv", "json", "latex"), default=None,
                      help="table (default: for the terminal), md, csv (long form: variant,schedule,metric,mean,"
-                          "std,n,of), json (the pivot and the rows) or latex (a booktabs tabular); with --sort: "
-                          "the ranked trials as table, md, csv or json")
+                          "std,n,of,degenerate,interpretation_failed), json (the pivot and the rows) or latex (a "
+                          "booktabs tabular); with --sort: the ranked trials as table, md, csv or json")
     res.add_argument("--metric", default=None,
                      help="the column to pivot: test_acc (default), best_valid_acc, best_epoch, epochs, wall_s, "
                           "or an interpretation metric: ari, nmi, purity, ece, deletion_auc, deletion_auc_random, "
@@ -234,12 +234,28 @@ def _load_spec(args: argparse.Namespace):
     return spec
 
 
+def _spec_command(command: str, args: argparse.Namespace, *extra: str) -> list[str]:
+    """The command line that runs this spec again as given (--force-new left out: the rerun continues)."""
+    argv = ["vgg-xai", command, str(args.spec)]
+    if args.data is not None:
+        argv += ["--data", str(args.data)]
+    if args.results is not None:
+        argv += ["--results", str(args.results)]
+    for s in args.set:
+        argv += ["--set", s]
+    return argv + list(extra)
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .config import ClusterProfile
+    from .monitor import record_command
     from .slurm import submit
 
     out = submit(_load_spec(args), ClusterProfile.from_yaml(args.cluster), data=args.data, mode=args.mode,
                  max_concurrent=args.max_concurrent, force_new=args.force_new)
+    extra = ["--cluster", str(args.cluster)] + (["--mode", args.mode] if args.mode != "ray" else []) + \
+        (["--max-concurrent", str(args.max_concurrent)] if args.max_concurrent is not None else [])
+    record_command(Path(out["sweep_dir"]), _spec_command("submit", args, *extra))
     for j in out["jobs"]:
         print(f"{j['role']:<12} {j['job_id']}" + (f"  {j['trial_id']}" if "trial_id" in j else ""))
     print(f"results: {out['sweep_dir']}")
@@ -391,6 +407,7 @@ def _print_epoch(m: dict, _ckpt: Path) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from . import sweep
     from .locks import driving
+    from .monitor import record_command
 
     spec = _load_spec(args)
     if args.dry_run:
@@ -402,6 +419,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep.check_inputs(spec, data=args.data, check_local=not args.address, address=args.address)  # nothing written yet
     with driving(sweep.sweep_dir_of(spec)):
         plan = sweep.plan(spec, data=args.data, force_new=args.force_new, check_local=not args.address)
+        record_command(plan.sweep_dir, _spec_command("sweep", args, *(["--address", args.address] if args.address
+                                                                       else [])))
         try:
             outcome = sweep.run(plan, address=args.address)
         except KeyboardInterrupt:

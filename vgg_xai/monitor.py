@@ -45,18 +45,22 @@ def new_row(trial_id: str, epochs: int) -> dict[str, Any]:
 
 
 def _eta(row: dict[str, Any]) -> float | None:
-    """Seconds the trial has left at its mean epoch time; None when unknown or not running."""
-    if row["status"] not in ("running", "pending", "stopped", "waiting") or not row["epoch_s"]:
+    """Seconds the trial has left at its mean epoch time; None when unknown, or when nothing will run it
+    (stopped: it has no time left until a sweep runs it again)."""
+    if row["status"] not in ("running", "pending", "waiting") or not row["epoch_s"]:
         return None
     return max(0, row["epochs"] - row["epoch"]) * sum(row["epoch_s"]) / len(row["epoch_s"])
 
 
 def progress_line(name: str, rows: list[dict[str, Any]], elapsed: float | None, driver: str = "") -> str:
-    """sweep NAME: 3/15 done, 2 running, 9 pending, 1 failed · elapsed 1m05s · eta 4m10s"""
+    """sweep NAME: 3/15 done, 2 running, 9 pending, 1 failed · elapsed 1m05s · eta 4m10s
+
+    Stopped trials (nothing runs them any more) are counted apart, where there are any:
+    sweep NAME: 3/15 done, 0 running, 1 stopped, 10 pending, 1 failed"""
     count = lambda *states: sum(r["status"] in states for r in rows)  # noqa: E731
-    done, running, failed = count(*FINISHED), count("running"), count("failed")
-    parts = [f"{done}/{len(rows)} done", f"{running} running",
-             f"{len(rows) - done - running - failed} pending", f"{failed} failed"]
+    done, running, stopped, failed = count(*FINISHED), count("running"), count("stopped"), count("failed")
+    parts = [f"{done}/{len(rows)} done", f"{running} running"] + ([f"{stopped} stopped"] if stopped else []) + \
+            [f"{len(rows) - done - running - stopped - failed} pending", f"{failed} failed"]
     line = f"sweep {name}: " + ", ".join(parts)
     if elapsed is not None:
         line += f" · elapsed {duration(elapsed)}"
@@ -231,9 +235,34 @@ def trial_row(trial_dir: Path, *, driver_alive: bool, jobs_active: bool) -> dict
         r["status"] = "running"
     elif driver_alive or jobs_active:
         r.update(status="waiting", note="to be retried")
-    else:
-        r.update(status="stopped", note=f"at epoch {r['epoch']}")
+    else:  # its process is gone: no process to show, and no time left until a sweep runs it again
+        r.update(status="stopped", note=f"at epoch {r['epoch']}", where="")
     return r
+
+
+COMMAND = "command.json"  # in the sweep folder: the command line that last ran the sweep, and where
+
+
+def record_command(sweep_dir: Path, argv: list[str]) -> None:
+    """Keep the command that runs the sweep (``vgg-xai sweep ...`` or ``vgg-xai submit ...``, with its
+    --data and --set flags) and the folder it ran in, for `status` to print the command that continues it."""
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(Path(sweep_dir) / COMMAND, json.dumps({"argv": list(argv), "cwd": os.getcwd()}))
+
+
+def continue_command(sweep_dir: Path) -> str | None:
+    """The recorded command, as a shell line to copy, prefixed with a `cd` where it ran in another folder
+    than this one (its paths may be relative); None where the sweep recorded none."""
+    import shlex
+
+    try:
+        rec = json.loads((Path(sweep_dir) / COMMAND).read_text())
+        argv, cwd = [str(x) for x in rec["argv"]], str(rec["cwd"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    line = shlex.join(argv)
+    return line if Path(cwd) == Path.cwd() else f"cd {shlex.quote(cwd)} && {line}"
 
 
 Jobs = Callable[[Path], tuple[list[str], bool]]  # a sweep folder -> its SLURM job lines, and whether any is queued
@@ -268,8 +297,13 @@ def status(sweep_dir: str | Path, height: int | None = None, width: int | None =
     head = [progress_line(sweep_dir.name, rows, elapsed, who)] + job_lines
     unfinished = [r for r in rows if r["status"] not in FINISHED]
     if unfinished and driver is None and not active:
-        hint = ("`vgg-xai submit` the same spec again" if job_lines else "run the same `vgg-xai sweep` command again")
-        head.append(f"{len(unfinished)} of {len(rows)} trials have no result and nothing is running them; {hint}")
+        left = f"{len(unfinished)} of {len(rows)} trials have no result and nothing is running them"
+        command = continue_command(sweep_dir)
+        if command:
+            head += [f"{left}; to continue, run:", f"  {command}"]
+        else:  # a sweep folder from before commands were recorded
+            hint = "`vgg-xai submit` the same spec again" if job_lines else "run the same `vgg-xai sweep` command again"
+            head.append(f"{left}; {hint}")
     if height is None:
         return "\n".join(head + [""] + table(rows, width))
     return "\n".join(fit(head + [""], rows, height, width or 200, f"vgg-xai status {sweep_dir}"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -291,6 +293,55 @@ def user_error(err: BaseException) -> UserError | None:
         else:
             err = err.__cause__
     return None
+
+
+_COLOUR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes Ray puts in its errors' text
+
+
+def error_text(err: BaseException) -> str:
+    """A trial's error as plain text for its error.txt: the trial's own exception on the first line,
+    then its traceback, ending in that exception again (the line the tables quote).
+
+    Ray wraps the trial's exception (``RayTaskError(RuntimeError): ray::ImplicitFunc.train() (pid=...)``
+    in terminal colours, then the traceback); the wrapper and the colours go, the trial's part stays.
+    """
+    cause, seen = err, set()
+    while isinstance(getattr(cause, "cause", None), BaseException) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.cause
+    cause_text = _COLOUR.sub("", str(cause)).strip()
+    head = f"{type(cause).__name__}: {cause_text}" if cause_text else type(cause).__name__
+    if cause is not err:  # through Ray: the traceback is the text Ray made of the remote one
+        tb = _COLOUR.sub("", str(err)).strip().splitlines()
+        if tb and tb[0].startswith("ray::"):  # Ray's stand-in for the traceback's header
+            tb[0] = "Traceback (most recent call last):"
+    elif err.__traceback__ is not None:
+        tb = "".join(traceback.format_exception(err)).strip().splitlines()
+    else:
+        tb = []
+    if len(tb) < 2:  # no frames: the exception alone
+        return head + "\n"
+    return "\n".join([head, "", tb[0], *_trial_frames(tb[1:])]) + "\n"
+
+
+def _trial_frames(lines: list[str]) -> list[str]:
+    """A traceback's lines after its header, from the trial's own first frame: Ray's frames that call
+    the trial are left out, and so are the caret lines whose source line Ray left out before."""
+    frames: list[list[str]] = []
+    rest: list[str] = []
+    for line in lines:
+        if not rest and line.startswith('  File "'):
+            frames.append([line])
+        elif not rest and line.startswith("    "):
+            caret = not line.strip(" ^~")
+            if frames and (not caret or (len(frames[-1]) > 1 and frames[-1][-1].strip(" ^~"))):
+                frames[-1].append(line)
+        else:  # the exception, and whatever Python prints after it
+            rest.append(line)
+    ray = f"{os.sep}ray{os.sep}"
+    while len(frames) > 1 and ray in frames[0][0]:
+        frames.pop(0)
+    return [line for f in frames for line in f] + rest
 
 
 # ---------------------------------------------------------------------------- work on Ray

@@ -286,7 +286,7 @@ def _record_errors(p: Plan, errors: dict[str, BaseException]) -> None:
             full = full or err
             continue
         try:
-            atomic_write_text(p.trial_dir(tid) / "error.txt", f"{type(err).__name__}: {err}\n")
+            atomic_write_text(p.trial_dir(tid) / "error.txt", runtime.error_text(err))
         except DiskFull as e:
             full = full or e
     if full is not None:

@@ -50,7 +50,9 @@ class TrialResult:
     best_epoch: int
     test_loss: float
     test_acc: float
-    wall_s: float
+    wall_s: float  # over every attempt: this attempt's time and the epochs earlier attempts trained
+    attempt_s: float | None = None  # this (the last) attempt's time, start to end
+    attempts: int = 1  # attempts that ran the trial, this one included (attempts.jsonl)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -320,6 +322,19 @@ class Scalars:
         self.writer = None
 
 
+def _attempts_since_start(path: Path) -> int:
+    """The attempts that trained the weights this attempt ends with: from the last one that started at
+    epoch 0 (a run from scratch in the same folder before it is another training) to this one."""
+    starts = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            starts.append(json.loads(line).get("start_epoch"))
+        except ValueError:
+            continue  # a line a killed attempt left half-written
+    first = max((i for i, s in enumerate(starts) if s == 0), default=0)
+    return max(1, len(starts) - first)
+
+
 def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = None,
               resume: bool | str | Path | None = None) -> TrialResult:
     """Train ``cfg`` for its epochs with Adam, then dump test-set features.
@@ -396,6 +411,8 @@ def _run_trial(cfg: TrialConfig, out: Path, report: Report | None, resume: bool 
         checkpoint.discard(ckpt_path)
         checkpoint.discard(checkpoint.previous_path(ckpt_path))
         checkpoint.save({"model": net.state_dict(), "config": cfg.to_dict(), "epoch": -1}, out / "checkpoint_init.pt")
+    # The epochs earlier attempts trained, as resumed: their time counts in the trial's wall_s.
+    earlier_s = sum(float(r["seconds"]) for r in history)
     with open(out / "attempts.jsonl", "a") as f:  # who ran this trial, from which epoch
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start_epoch": start,
                             "time": time.time(), "node": os.environ.get("VGG_XAI_NODE", socket.gethostname()), "ray": os.environ.get("VGG_XAI_RAY"),
@@ -465,10 +482,12 @@ def _run_trial(cfg: TrialConfig, out: Path, report: Report | None, resume: bool 
             config=cfg.to_dict(), classes=prep.classes, versions=versions(), git_commit=_git_commit(),
             precision="fp32",
         ))
+    attempt_s = time.perf_counter() - t_start
+    attempts = _attempts_since_start(out / "attempts.jsonl")
     result = TrialResult(
         trial_id=cfg.trial_id, status=status, epochs_completed=len(ok),
         best_valid_acc=best["valid_acc"] if best else float("nan"), best_epoch=best["epoch"] if best else 0,
-        test_loss=test_loss, test_acc=test_acc, wall_s=time.perf_counter() - t_start,
+        test_loss=test_loss, test_acc=test_acc, wall_s=earlier_s + attempt_s, attempt_s=attempt_s, attempts=attempts,
     )
     # Strict JSON: an undefined number (a diverged trial's test accuracy) is null, not a bare NaN.
     checkpoint.atomic_write_text(out / "result.json", json.dumps(
@@ -476,6 +495,7 @@ def _run_trial(cfg: TrialConfig, out: Path, report: Report | None, resume: bool 
         indent=2, allow_nan=False))
     best_text = f"best valid {result.best_valid_acc:.4f} at epoch {result.best_epoch}" if best else "no valid epoch"
     test_text = f"test {result.test_acc:.4f}" if status == "completed" else "no test accuracy"
+    took = f"{result.wall_s:.1f} s" + (f" over {attempts} attempts, {attempt_s:.1f} s this one" if attempts > 1 else "")
     log.write(f"result: {status}, {result.epochs_completed} of {cfg.epochs} epochs good; {best_text}; {test_text}; "
-              f"{result.wall_s:.1f} s this attempt")
+              f"{took}")
     return result
