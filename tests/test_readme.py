@@ -170,6 +170,7 @@ WALK = [
     "vgg-xai results results/smoke",
     "vgg-xai results results/smoke --format latex --metric ari",
     "vgg-xai results results/smoke --sort test_acc --top 5",
+    "vgg-xai results results/smoke --compare",
     "vgg-xai results pull HOST:/scratch/me/results/smoke ./pulled/smoke",
     "cluster/local-slurm/local-slurm install",
     'eval "$(cluster/local-slurm/local-slurm start --gpus 2)"',
@@ -272,6 +273,10 @@ def test_postprocessing_and_results(walk):
     column = table[0].split().index("test_acc")
     accs = [float(x.split()[column]) for x in table[2:]]
     assert len(accs) == 5 and accs == sorted(accs, reverse=True), r.stdout
+    r = _walk_line(walk, "vgg-xai results results/smoke --compare")
+    assert r.stdout.startswith("test_acc: differences between cells over seeds (higher is better)"), r.stdout
+    # one seed a cell: every row says so, and none gives a verdict it cannot have
+    assert "one seed: no verdict" in r.stdout and "beyond seed noise" not in r.stdout.split("\n\n", 1)[1]
     _walk_line(walk, "vgg-xai results pull HOST:/scratch/me/results/smoke ./pulled/smoke")
     pulled = walk.cwd / "pulled" / "smoke"
     assert (pulled / "report.html").is_file() and len(list(pulled.glob("trials/*/result.json"))) == 15

@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "with pull: where from and where to")
     res.add_argument("--format", choices=("table", "md", "csv", "json", "latex"), default=None,
                      help="table (default: for the terminal), md, csv (long form: variant,schedule,metric,mean,"
-                          "std,n,of,degenerate,interpretation_failed), json (the pivot and the rows) or latex (a "
-                          "booktabs tabular); with --sort: the ranked trials as table, md, csv or json")
+                          "std,ci_low,ci_high,n,of,degenerate,interpretation_failed), json (the pivot and the rows) "
+                          "or latex (a booktabs tabular); with --sort or --compare: table, md, csv or json")
     res.add_argument("--metric", default=None,
                      help="the column to pivot: test_acc (default), best_valid_acc, best_epoch, epochs, wall_s, "
                           "or an interpretation metric: ari, nmi, purity, ece, deletion_auc, deletion_auc_random, "
