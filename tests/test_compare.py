@@ -344,3 +344,11 @@ def test_the_results_root_lists_its_sweeps(tmp_path, capsys):
     rc, out, err = run(capsys, tmp_path)
     assert rc == 2 and err.count("\n") == 1
     assert f"a folder of sweeps, not a sweep: cpu, smoke; pass one, e.g. `vgg-xai results {tmp_path / 'cpu'}`" in err
+
+
+def test_without_any_cell_of_two_seeds_the_seeds_needed_are_unknown_and_it_says_why(tmp_path, capsys):
+    sweep = write_sweep(tmp_path, "smoke", {("plain", "const_1e-3"): [0.1], ("bn", "const_1e-3"): [0.12]})
+    rc, out, _ = run(capsys, sweep, "--compare")
+    assert rc == 0 and out.rstrip().endswith("run two seeds or more of the cells to compare "
+                                             "(--set 'grid.seed=[0, 1]')")
+    assert out.splitlines()[-3].rstrip().endswith("one seed: no verdict  ?")

@@ -192,6 +192,9 @@ def footer(c: dict[str, Any]) -> list[str]:
         lines.append(f"spread within cells, pooled over the cells with several seeds: "
                      f"{fmt_value(c['pooled_sd'], c['metric'])} ({c['pooled_dof']} degrees of freedom); "
                      "it sizes the seeds of comparisons with a one-seed cell")
+    elif c["rows"]:
+        lines.append("seeds ?: no cell has two seeds, so the spread between seeds, and the seeds a comparison "
+                     "needs, are unknown; run two seeds or more of the cells to compare (--set 'grid.seed=[0, 1]')")
     for r in c["rows"]:
         if r["add"]:
             lines.append(f"{r['cell'].replace('|', ' at ')} vs {r['reference'].replace('|', ' at ')}: "
