@@ -128,3 +128,28 @@ def test_a_grid_of_40000_trials_plans_and_a_repeated_value_is_refused(spec):
     assert len(JobSpec.from_yaml(spec, [f"grid.seed={seeds}"]).trials("/c.h5")) == 3 * 13_334
     with pytest.raises(UserError, match=r"grid.seed=\[0, 1, 1\]: the grid repeats trials \(bn-lr1e-3-s1, l2-lr1e-3-s1"):
         JobSpec.from_yaml(spec, ["grid.seed=[0, 1, 1]"])
+
+
+BOMB = "[&a [x, x, x, x, x, x, x, x, x], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a], &c [*b, *b, *b, *b, *b, *b, *b, *b, *b], " \
+       "&d [*c, *c, *c, *c, *c, *c, *c, *c, *c], &e [*d, *d, *d, *d, *d, *d, *d, *d, *d], " \
+       "&f [*e, *e, *e, *e, *e, *e, *e, *e, *e], &g [*f, *f, *f, *f, *f, *f, *f, *f, *f], " \
+       "&h [*g, *g, *g, *g, *g, *g, *g, *g, *g], &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]]"
+
+
+def test_an_alias_bomb_is_one_line_before_it_is_built(spec, tmp_path, capsys):
+    """9^9 values through nine anchors: counted on the composed graph and refused, in a --set value
+    and in a spec file, without building it (it would fill the memory)."""
+    rc = main(["sweep", str(spec), "--dry-run", "--set", f"grid.seed={BOMB}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "--set grid.seed: the YAML expands to more than 100,000 values through its aliases" in err
+    bombed = tmp_path / "bomb.yaml"
+    bombed.write_text(spec.read_text() + f"variants: {{mine: {BOMB}}}\n")
+    rc = main(["sweep", str(bombed), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{bombed}: the YAML expands to more than 100,000 values" in err
+    # an alias of a few values is fine
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(spec.read_text() + "variants: {mine: &s {bn: true, dropout: false, l2: false, augment: false}, "
+                                     "yours: *s}\n")
+    assert JobSpec.from_yaml(ok).variants["yours"] == JobSpec.from_yaml(ok).variants["mine"]

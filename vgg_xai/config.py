@@ -206,13 +206,39 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789."))
 
 
+MAX_YAML_VALUES = 100_000  # a spec holds hundreds; more is an alias bomb (an alias of aliases of aliases ...)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """A YAML document, refused in one line where its aliases would expand it past MAX_YAML_VALUES values:
+    the expanded size is counted on the composed node graph, where an alias is one shared node, before
+    anything is built (building an alias bomb fills the memory)."""
+    node = yaml.compose(text, Loader=_Loader)
+    if node is None:
+        return None
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) not in sizes:
+            sizes[id(n)] = 0  # a node that holds itself (a recursive alias) counts once
+            children = [x for pair in n.value for x in pair] if isinstance(n, yaml.MappingNode) else \
+                n.value if isinstance(n, yaml.SequenceNode) else []
+            sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_YAML_VALUES + 1)
+        return sizes[id(n)]
+
+    if size(node) > MAX_YAML_VALUES:
+        raise UserError(f"{where}: the YAML expands to more than {MAX_YAML_VALUES:,} values through its aliases "
+                        "(&anchor / *alias); write the values out")
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with errors that name the file."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: no such file")
     try:
-        d = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)
+        d = parse_yaml(p.read_text(encoding="utf-8"), str(p))
     except UnicodeDecodeError as e:
         raise UserError(f"{p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
@@ -401,7 +427,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {item!r}: the key {key!r} has an empty part; write dotted keys as in the "
                         f"job spec, {SET_EXAMPLE}")
     try:
-        value = yaml.load(text, Loader=_Loader)
+        value = parse_yaml(text, f"--set {key}")
     except yaml.YAMLError as e:
         why = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"--set {item!r}: the value is not valid YAML ({why}); write it as in the job spec and "
