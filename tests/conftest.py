@@ -129,6 +129,24 @@ def tiny_cache(tmp_path_factory, sources) -> Path:
     return prepare(sources["png"], tmp_path_factory.mktemp("cache") / "tiny.h5")
 
 
+def damaged_copy(cache: Path, out: Path) -> Path:
+    """A copy of a data cache with one byte of its test images flipped (a disk or a copy went wrong)."""
+    import shutil
+
+    import h5py
+
+    shutil.copy(cache, out)
+    with h5py.File(out, "r") as f:  # where the test images' bytes lie in the file
+        ds = f["test"]["images"]
+        offset = ds.id.get_offset() if ds.chunks is None else ds.id.get_chunk_info(0).byte_offset
+    with open(out, "r+b") as f:
+        f.seek(offset + 100)
+        byte = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return out
+
+
 # A stand-in for ssh that does what ssh and sshd do with rsync's command, without a network: it
 # takes [-l USER] [-p PORT] HOST COMMAND..., joins COMMAND with spaces and runs it with `sh -c`
 # (sshd hands the joined words to the login shell). Anything but localhost is refused.

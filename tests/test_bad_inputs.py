@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import make_images, write_image_tree
+from conftest import damaged_copy, make_images, write_image_tree
 from vgg_xai.cli import main
 from vgg_xai.data import STAGE
 
@@ -162,3 +162,42 @@ def _assert_one_line(capsys, rc: int, message: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("vgg-xai: error: "), err
     assert message in lines[0], lines[0]
     assert "Traceback" not in err
+
+
+def _recoded(tiny_cache: Path, out: Path, classes: list[str], relabel) -> Path:
+    """A copy of the cache whose labels and class names are changed and whose digest is made again:
+    a cache of another data set, not a damaged one."""
+    import json
+    import shutil
+
+    import h5py
+
+    from vgg_xai.data import content_digest, load_cache
+
+    shutil.copy(tiny_cache, out)
+    with h5py.File(out, "r+") as f:
+        f.attrs["classes"] = json.dumps(classes)
+        for split in ("train", "valid", "test"):
+            f[split]["labels"][...] = relabel(f[split]["labels"][...])
+    digest = content_digest(load_cache(out).splits)
+    with h5py.File(out, "r+") as f:
+        f.attrs["content_sha256"] = digest
+    return out
+
+
+@pytest.mark.parametrize("case", ["damaged", "9 classes", "11 labels"])
+def test_train_refuses_the_caches_a_sweep_refuses(case, tmp_path, tiny_cache, capsys):
+    """`train` opens its cache as `sweep` does: damaged bytes, or a data set of other classes, are one line
+    before any work (they trained to chance, or ended in an IndexError after the first batches)."""
+    if case == "damaged":
+        cache, message = damaged_copy(tiny_cache, tmp_path / "c.h5"), "the data cache is damaged"
+    elif case == "9 classes":
+        cache = _recoded(tiny_cache, tmp_path / "c.h5", [f"c{i}" for i in range(9)], lambda y: y % 9)
+        message = "holds 9 classes (labels 0 to 8), where the model has 10 outputs"
+    else:
+        cache = _recoded(tiny_cache, tmp_path / "c.h5", [f"c{i}" for i in range(11)], lambda y: y + (y == 9))
+        message = "holds 11 classes (labels 0 to 10), where the model has 10 outputs"
+    out = tmp_path / "trial"
+    _assert_one_line(capsys, main(["train", "--data", str(cache), "--width", "0.125", "--epochs", "1",
+                                   "--out", str(out)]), message)
+    assert not out.exists() or not any(out.iterdir())

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ray_processes
+from conftest import damaged_copy, ray_processes
 from vgg_xai import features
 from vgg_xai.config import JobSpec
 from vgg_xai.errors import UserError
@@ -365,20 +365,7 @@ def h5py_attr(path: Path, name: str):
 
 
 def test_a_damaged_cache_is_refused_before_ray_starts(tmp_path, tiny_cache):
-    import shutil
-
-    import h5py
-
-    damaged = tmp_path / "damaged.h5"
-    shutil.copy(tiny_cache, damaged)
-    with h5py.File(damaged, "r") as f:  # where the test images' bytes lie in the file (stored contiguous)
-        ds = f["test"]["images"]
-        offset = ds.id.get_offset() if ds.chunks is None else ds.id.get_chunk_info(0).byte_offset
-    with open(damaged, "r+b") as f:
-        f.seek(offset + 100)
-        byte = f.read(1)
-        f.seek(offset + 100)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    damaged = damaged_copy(tiny_cache, tmp_path / "damaged.h5")
     before = ray_processes()
     r = _cli("sweep", str(_spec(tmp_path, damaged)))
     assert r.returncode == 2 and len(_errors(r.stderr)) == 1, r.stderr

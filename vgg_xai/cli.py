@@ -379,6 +379,7 @@ def _resolve_data(data: Path | None, cache: Path) -> Path:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import TrialConfig, load_yaml
+    from .data import verify_cache
     from .train import run_trial
 
     if args.out.exists() and not args.out.is_dir():
@@ -393,6 +394,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.data is not None or "data" not in settings:
         settings["data"] = str(_resolve_data(args.data, args.cache))
     cfg = TrialConfig.from_dict(settings, where=str(args.config or "flags"))
+    verify_cache(cfg.data)  # a damaged cache or one of other classes is one line, as in a sweep, before any work
     result = run_trial(cfg, args.out, report=_print_epoch, resume=args.resume)
     print(json.dumps(result.__dict__, indent=2))
     return 0 if result.status == "completed" else 1

@@ -384,7 +384,8 @@ def content_digest(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
 
 
 def verify_cache(cache: str | Path) -> str:
-    """The cache's content digest, after checking its bytes against it (about 0.3 s for CIFAR-10).
+    """The cache's content digest, after checking its bytes against it (about 0.3 s for CIFAR-10), and
+    that it holds the 10 classes the model has outputs for.
 
     A sweep opens its cache with this before anything runs: a damaged cache is refused here, in
     one line, instead of in every trial after Ray has started.
@@ -395,6 +396,11 @@ def verify_cache(cache: str | Path) -> str:
     if stored != actual:
         raise UserError(f"{cache}: the data cache is damaged (its images or labels do not match the digest stored "
                         "when it was prepared); prepare it again with `vgg-xai data prepare --force`")
+    labels = np.unique(np.concatenate([y for _, y in prep.splits.values()]))
+    if len(prep.classes) != N_CLASSES or labels.min() < 0 or labels.max() >= N_CLASSES:
+        raise UserError(f"{cache}: holds {len(prep.classes)} classes (labels {labels.min()} to {labels.max()}), where "
+                        f"the model has {N_CLASSES} outputs, one per CIFAR-10 class; prepare it from a source with "
+                        f"{N_CLASSES} classes")
     return actual
 
 
