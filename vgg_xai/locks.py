@@ -24,11 +24,21 @@ def _lock_path(sweep_dir: Path) -> Path:
     return sweep_dir.parent / f".{sweep_dir.name}.driver"
 
 
+# The holder record's fields and their types; a field of another type (a damaged record) reads as unknown.
+_HOLDER_TYPES = {"host": str, "pid": int, "since": (int, float)}
+
+
 def _holder(path: Path) -> dict[str, Any]:
+    """The lock's record of its holder (host, pid, since); {} where it does not read, and only the fields of
+    the right type where some are damaged."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        h = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
         return {}
+    if not isinstance(h, dict):
+        return {}
+    return {k: v for k, v in h.items() if k in _HOLDER_TYPES and isinstance(v, _HOLDER_TYPES[k])
+            and not isinstance(v, bool)}
 
 
 def _describe_holder(h: dict[str, Any]) -> str:

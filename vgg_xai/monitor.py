@@ -10,7 +10,6 @@ trials, then the most recent finished ones; the full table is one `status` away.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -22,8 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .locks import driver_of, pid_alive
-
-FINISHED = ("completed", "diverged")
+from .trial_folder import ERROR, FINISHED, Damaged, read_attempts, read_config, read_history, read_result
 COLUMNS = ("trial", "status", "epoch", "train_acc", "valid_acc", "img/s", "eta", "where")
 
 
@@ -59,15 +57,17 @@ def progress_line(name: str, rows: list[dict[str, Any]], elapsed: float | None, 
     sweep NAME: 3/15 done, 0 running, 1 stopped, 10 pending, 1 failed"""
     count = lambda *states: sum(r["status"] in states for r in rows)  # noqa: E731
     done, running, stopped, failed = count(*FINISHED), count("running"), count("stopped"), count("failed")
+    damaged = count("damaged")
     parts = [f"{done}/{len(rows)} done", f"{running} running"] + ([f"{stopped} stopped"] if stopped else []) + \
-            [f"{len(rows) - done - running - stopped - failed} pending", f"{failed} failed"]
+            [f"{len(rows) - done - running - stopped - failed - damaged} pending", f"{failed} failed"] + \
+            ([f"{damaged} damaged"] if damaged else [])
     line = f"sweep {name}: " + ", ".join(parts)
     if elapsed is not None:
         line += f" · elapsed {duration(elapsed)}"
     # The sweep's ETA: the epochs left over all unfinished trials at the mean epoch time, shared by
     # the trials running at once.
     times = [s for r in rows for s in r["epoch_s"]]
-    left = sum(max(0, r["epochs"] - r["epoch"]) for r in rows if r["status"] not in (*FINISHED, "failed"))
+    left = sum(max(0, r["epochs"] - r["epoch"]) for r in rows if r["status"] not in (*FINISHED, "failed", "damaged"))
     if times and left and running:
         line += f" · eta {duration(left * sum(times) / len(times) / running)}"
     return line + (f" · {driver}" if driver else "")
@@ -172,17 +172,6 @@ class LiveTable:
 
 # ---------------------------------------------------------------------------- status from the folders
 
-def _last_attempt(trial_dir: Path) -> dict[str, Any] | None:
-    path = trial_dir / "attempts.jsonl"
-    if not path.is_file():
-        return None
-    lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
-    try:
-        return json.loads(lines[-1]) if lines else None
-    except ValueError:
-        return None
-
-
 def _where(a: dict[str, Any]) -> str:
     if a.get("slurm_job_id"):
         task = a.get("slurm_array_task_id")
@@ -190,39 +179,50 @@ def _where(a: dict[str, Any]) -> str:
     return f"{a.get('host', '?')}:{a.get('pid', '?')}"
 
 
-def trial_row(trial_dir: Path, *, driver_alive: bool, jobs_active: bool) -> dict[str, Any] | None:
-    """One trial's row read from its folder; None for a folder that is not a trial's."""
+def trial_row(trial_dir: Path, *, driver_alive: bool, jobs_active: bool) -> dict[str, Any]:
+    """One trial's row read from its folder: a damaged file (or a folder without its config.json) makes
+    it a `damaged` row whose note says which file, what is wrong and what to do."""
+    try:
+        return _trial_row(trial_dir, driver_alive, jobs_active)
+    except Damaged as e:
+        r = new_row(trial_dir.name, 0)
+        r.update(status="damaged", note=str(e), t=0.0)
+        return r
+
+
+def _trial_row(trial_dir: Path, driver_alive: bool, jobs_active: bool) -> dict[str, Any]:
     from .results import trial_note
 
-    try:
-        cfg = json.loads((trial_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
+    cfg = read_config(trial_dir)
+    if cfg is None:
+        raise Damaged(trial_dir / "config.json", "missing (an empty or half-copied trial folder)")
     r = new_row(trial_dir.name, int(cfg.get("epochs", 0)))
-    hist = trial_dir / "history.csv"
-    if hist.is_file():
-        with open(hist, newline="") as f:
-            history = list(csv.DictReader(f))
+    history = read_history(trial_dir)
+    if history:
         ok = [h for h in history if h.get("status") == "ok"]
-        if history:
-            last = history[-1]
-            r.update(epoch=len(ok), train_acc=float(last["train_acc"]), valid_acc=float(last["valid_acc"]),
-                     images_per_s=float(last["images_per_s"]), epoch_s=[float(h["seconds"]) for h in ok])
-        r["t"] = hist.stat().st_mtime
-    attempt = _last_attempt(trial_dir)
+        last = history[-1]
+        r.update(epoch=len(ok), train_acc=last["train_acc"], valid_acc=last["valid_acc"],
+                 images_per_s=last["images_per_s"], epoch_s=[h["seconds"] for h in ok],
+                 t=(trial_dir / "history.csv").stat().st_mtime)
+    try:
+        attempts, unread = read_attempts(trial_dir), None
+    except Damaged as e:  # it says where the trial runs: it matters only while the trial has no result
+        attempts, unread = [], e
+    attempt = attempts[-1] if attempts else None
     if attempt:
         r["where"] = _where(attempt)
-    result = trial_dir / "result.json"
-    if result.is_file():
-        done = json.loads(result.read_text())
-        r["status"] = done.get("status", "completed")
-        r["t"] = result.stat().st_mtime
+    done = read_result(trial_dir)
+    if done is not None:
+        r["status"] = done["status"]
+        r["t"] = (trial_dir / "result.json").stat().st_mtime
         if r["status"] == "completed" and done.get("test_acc") is not None:
             r["note"] = f"test {done['test_acc']:.3f}"
         return r
-    if (trial_dir / "error.txt").is_file():
-        r.update(status="failed", note=trial_note(trial_dir, "failed"), t=(trial_dir / "error.txt").stat().st_mtime)
+    if (trial_dir / ERROR).is_file():
+        r.update(status="failed", note=trial_note(trial_dir, "failed"), t=(trial_dir / ERROR).stat().st_mtime)
         return r
+    if unread is not None:
+        raise unread
     if attempt is None:
         r["note"] = "" if driver_alive or jobs_active else "not started"
         return r
@@ -282,8 +282,8 @@ def status(sweep_dir: str | Path, height: int | None = None, width: int | None =
         raise UserError(f"{sweep_dir}: not a sweep folder (no trials/); pass results/<sweep>, e.g. results/smoke")
     driver = driver_of(sweep_dir)
     job_lines, active = jobs(sweep_dir)
-    rows = [r for d in sorted((sweep_dir / "trials").iterdir()) if d.is_dir()
-            for r in [trial_row(d, driver_alive=driver is not None, jobs_active=active)] if r]
+    rows = [trial_row(d, driver_alive=driver is not None, jobs_active=active)
+            for d in sorted((sweep_dir / "trials").iterdir()) if d.is_dir()]
     if driver is not None:
         since = driver.get("since")
         who = f"driver PID {driver.get('pid', '?')} on {driver.get('host', '?')}"

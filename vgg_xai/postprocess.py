@@ -120,7 +120,8 @@ def read_arrays(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- one trial
 
 def up_to_date(trial_dir: Path, settings: Settings) -> bool:
-    """metrics.json exists, is newer than the checkpoint and features, and used these settings."""
+    """metrics.json exists, is newer than the checkpoint and features, and used these settings, and both it
+    and arrays.h5 read (a file cut short or damaged is redone)."""
     metrics = trial_dir / "interpret" / "metrics.json"
     if not metrics.is_file():
         return False
@@ -129,9 +130,12 @@ def up_to_date(trial_dir: Path, settings: Settings) -> bool:
         return False
     try:
         saved = json.loads(metrics.read_text())
-        return saved.get("schema") == SCHEMA and saved.get("settings") == settings.to_dict()
-    except ValueError:
+        with h5py.File(trial_dir / "interpret" / "arrays.h5", "r") as f:  # cut short: it does not open
+            arrays_schema = f.attrs.get("schema")
+    except (ValueError, OSError):  # a damaged metrics.json or arrays.h5: redo it
         return False
+    return isinstance(saved, dict) and saved.get("schema") == SCHEMA == arrays_schema \
+        and saved.get("settings") == settings.to_dict()
 
 
 def interpret_trial(trial_dir: str | Path, settings: Settings = Settings(), threads: int | None = None,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from . import trial_folder
 from .checkpoint import atomic_write_text
 from .compare import compare, spec_reference
 from .postprocess import IMAGES_RULE
@@ -258,17 +259,12 @@ def _interpretation_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _attempts(trial_dir: Path) -> list[dict[str, Any]]:
-    """The lines of a trial's attempts.jsonl (one per attempt to train it); unreadable lines left out."""
-    path = trial_dir / "attempts.jsonl"
-    out = []
-    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
-        try:
-            a = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(a, dict):
-            out.append(a)
-    return out
+    """A trial's attempts (one per attempt to train it); none where attempts.jsonl is damaged (the trials
+    table's note says so)."""
+    try:
+        return trial_folder.read_attempts(trial_dir)
+    except trial_folder.Damaged:
+        return []
 
 
 def _dump_attrs(trial_dir: Path) -> dict[str, Any]:
@@ -332,10 +328,16 @@ def trial_provenance(trial_dir: Path) -> dict[str, Any]:
     attempts = _attempts(trial_dir)
     attrs = _dump_attrs(trial_dir)
     result = trial_dir / "result.json"
-    interp = read_interpretation(trial_dir) if (trial_dir / "interpret" / "metrics.json").is_file() else None
+    try:
+        interp = read_interpretation(trial_dir)
+    except trial_folder.Damaged:
+        interp = None
     cfg = attrs.get("config") or {}
-    if not cfg and (trial_dir / "config.json").is_file():
-        cfg = json.loads((trial_dir / "config.json").read_text())
+    if not cfg:
+        try:
+            cfg = trial_folder.read_config(trial_dir) or {}
+        except trial_folder.Damaged:
+            cfg = {}
     return {
         "attempts": attempts, "versions": attrs.get("versions") or {}, "git_commit": attrs.get("git_commit", ""),
         "device": cfg.get("device", ""), "precision": cfg.get("precision", ""),
@@ -443,9 +445,14 @@ def _trial_section(sweep_dir: Path, r: dict[str, Any], p: dict[str, Any]) -> str
         ran += f", git {p['git_commit'][:12]}"
     parts = [f'<h3 id="t-{html.escape(quote(tid))}">{html.escape(tid)}</h3>',
              f'<p class="muted">{html.escape(facts)}<br>{html.escape(ran)}</p>']
-    m = read_interpretation(sweep_dir / "trials" / tid)
+    damaged = ""
+    try:
+        m = read_interpretation(sweep_dir / "trials" / tid)
+    except trial_folder.Damaged as e:
+        m, damaged = None, str(e)
     if m is None:
         why = "interpretation failed (see interpret/error.txt)" if r.get("interpretation") == "failed" else \
+            f"interpretation damaged: {damaged}" if r.get("interpretation") == "damaged" else \
             "not interpreted (only completed trials are)"
         return "".join(parts) + f'<p class="muted">{why}</p>'
     parts.append(_banner(m))

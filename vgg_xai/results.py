@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import SCHEDULES, VARIANTS
 from .errors import UserError, format_size
+from . import trial_folder
 from .stats import mean_interval
 
 # The summary values of faithfulness and of the randomization check in a trial's interpret/metrics.json
@@ -71,13 +72,12 @@ DAGGER = "†"
 
 
 def trial_status(trial_dir: Path) -> str:
-    """completed | diverged (from result.json), failed (error.txt), running/pending otherwise."""
-    result = trial_dir / "result.json"
-    if result.is_file():
-        return json.loads(result.read_text())["status"]
-    if (trial_dir / "error.txt").is_file():
-        return "failed"
-    return "running" if (trial_dir / "checkpoint.pt").is_file() else "pending"
+    """completed | diverged (from result.json), failed (error.txt), running/pending otherwise; damaged
+    where result.json does not read (trial_folder.Damaged)."""
+    try:
+        return trial_folder.state(trial_dir)
+    except trial_folder.Damaged:
+        return "damaged"
 
 
 def _last_line(error_file: Path) -> str:
@@ -116,10 +116,10 @@ def read_interpretation(trial_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         m = json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e}); delete it and run `vgg-xai postprocess` again") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise trial_folder.Damaged(path, f"not valid JSON ({e})") from None
     if not isinstance(m, dict):
-        raise UserError(f"{path}: not a metrics file (a JSON object); delete it and run `vgg-xai postprocess` again")
+        raise trial_folder.Damaged(path, "not a metrics file (a JSON object)")
     deg = m.get("degenerate") if isinstance(m.get("degenerate"), dict) else {}
     reasons, skipped = deg.get("reasons"), m.get("skipped")
     return {**m, "summary": m["summary"] if isinstance(m.get("summary"), dict) else {},
@@ -166,39 +166,49 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per trial folder (sorted by trial id)."""
-    rows = []
-    for d in sorted(Path(sweep_dir, "trials").iterdir()) if Path(sweep_dir, "trials").is_dir() else []:
-        cfg_file = d / "config.json"
-        if not cfg_file.is_file():
-            continue
-        cfg = json.loads(cfg_file.read_text())
-        status = trial_status(d)
+    """One row per trial folder (sorted by trial id); a trial whose files do not read is a `damaged` row
+    whose note names the file, what is wrong and what to do (trial_folder.Damaged), and the others are
+    read as ever."""
+    trials = Path(sweep_dir, "trials")
+    return [_clean(_row(d)) for d in (sorted(p for p in trials.iterdir() if p.is_dir()) if trials.is_dir() else [])]
+
+
+def _row(d: Path) -> dict[str, Any]:
+    blank: dict[str, Any] = {"trial_id": d.name, "variant": None, "lr_schedule": None, "seed": None,
+                             "status": "pending", "degenerate": None, "interpretation": "", "note": "", "epochs": 0,
+                             "best_valid_acc": math.nan, "best_epoch": 0, "test_acc": math.nan,
+                             **dict.fromkeys(INTERPRET_COLUMNS, math.nan), **dict.fromkeys(VERDICT_COLUMNS, ""),
+                             "wall_s": math.nan}
+    try:
+        cfg = trial_folder.read_config(d)
+        if cfg is None:
+            raise trial_folder.Damaged(d / trial_folder.CONFIG, "missing (an empty or half-copied trial folder)")
+        blank.update(variant=cfg.get("variant"), lr_schedule=cfg.get("lr_schedule"), seed=cfg.get("seed"))
+        status = trial_folder.state(d)
+        done = [h for h in trial_folder.read_history(d) if h["status"] == "ok"]  # a running trial: its epochs so far
+        result = trial_folder.read_result(d)
+    except trial_folder.Damaged as e:
+        return {**blank, "status": "damaged", "note": str(e)}
+    interpretation, failure = interpretation_state(d)
+    try:
         interp = _interpret_columns(d)
-        reasons = interp.pop("reasons", [])
-        why = "degenerate" + (": " + "; ".join(reasons) if reasons else "") if interp["degenerate"] else ""
-        interpretation, failure = interpretation_state(d)
-        note = trial_note(d, status) or why or failure
-        row: dict[str, Any] = {"trial_id": d.name, "variant": cfg["variant"], "lr_schedule": cfg["lr_schedule"],
-                               "seed": cfg["seed"], "status": status, "degenerate": interp.pop("degenerate"),
-                               "interpretation": interpretation, "note": note, "epochs": 0,
-                               "best_valid_acc": math.nan, "best_epoch": 0, "test_acc": math.nan, **interp,
-                               **{f"{m}_verdict": verdict(interp, m) for m in ("deletion", "insertion")},
-                               "wall_s": math.nan}
-        history = d / "history.csv"
-        if history.is_file():  # a running trial: the epochs it has done so far
-            done = list(csv.DictReader(history.open()))
-            row["epochs"] = sum(1 for h in done if h["status"] == "ok")
-            valid = [float(h["valid_acc"]) for h in done if h["status"] == "ok"]
-            if valid:
-                row.update(best_valid_acc=max(valid), best_epoch=valid.index(max(valid)) + 1)
-        if (d / "result.json").is_file():
-            r = json.loads((d / "result.json").read_text())
-            num = lambda k: math.nan if r[k] is None else r[k]  # noqa: E731 - null: undefined (diverged)
-            row.update(epochs=r["epochs_completed"], best_valid_acc=num("best_valid_acc"), best_epoch=r["best_epoch"],
-                       test_acc=num("test_acc"), wall_s=num("wall_s"))
-        rows.append(_clean(row))
-    return rows
+    except trial_folder.Damaged as e:  # the training's numbers still count; the interpretation is redone
+        interp = {"degenerate": None, **dict.fromkeys(INTERPRET_COLUMNS, math.nan)}
+        interpretation, failure = "damaged", str(e)
+    reasons = interp.pop("reasons", [])
+    why = "degenerate" + (": " + "; ".join(reasons) if reasons else "") if interp["degenerate"] else ""
+    row = {**blank, "status": status, "degenerate": interp.pop("degenerate"), "interpretation": interpretation,
+           "note": trial_note(d, status) or why or failure, **interp,
+           **{f"{m}_verdict": verdict(interp, m) for m in ("deletion", "insertion")}}
+    valid = [h["valid_acc"] for h in done]
+    row["epochs"] = len(done)
+    if valid:
+        row.update(best_valid_acc=max(valid), best_epoch=valid.index(max(valid)) + 1)
+    if result is not None:
+        num = lambda k: math.nan if result.get(k) is None else result[k]  # noqa: E731 - null: undefined (diverged)
+        row.update(epochs=result["epochs_completed"], best_valid_acc=num("best_valid_acc"),
+                   best_epoch=result["best_epoch"], test_acc=num("test_acc"), wall_s=num("wall_s"))
+    return row
 
 
 def load_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -267,7 +277,8 @@ def _known_first(known: list[str]) -> Callable[[str], tuple[int, str]]:
 def ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows variant x schedule x seed, in the study's order of variants and schedules (the pivot's)."""
     v, s = _known_first(list(VARIANTS)), _known_first(list(SCHEDULES))
-    return sorted(rows, key=lambda r: (v(r["variant"]), s(r["lr_schedule"]), r.get("seed") or 0, r["trial_id"]))
+    return sorted(rows, key=lambda r: (v(r["variant"] or ""), s(r["lr_schedule"] or ""), r.get("seed") or 0,
+                                       r["trial_id"]))
 
 
 def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any]:
@@ -281,6 +292,8 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
     """
     if metric not in METRICS:
         raise UserError(f"metric: {metric!r} is not one of {', '.join(METRICS)}")
+    unread = {r["trial_id"]: r["note"] for r in rows if r["variant"] is None}  # damaged: no cell to put it in
+    rows = [r for r in rows if r["variant"] is not None]
     variants = sorted({r["variant"] for r in rows}, key=_known_first(list(VARIANTS)))
     schedules = sorted({r["lr_schedule"] for r in rows}, key=_known_first(list(SCHEDULES)))
     cells: dict[str, dict[str, Any]] = {}
@@ -310,8 +323,9 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
                 # collapsed and learning seeds side by side: two clusters, not one Gaussian spread
                 "mixed": bool(degenerate) and any(r.get("degenerate") is False for r in counted),
             }
+    damaged = {**unread, **{r["trial_id"]: r["note"] for r in rows if r["status"] == "damaged"}}
     return {"metric": metric, "variants": variants, "schedules": schedules, "cells": cells, "degenerate": why,
-            "failed": failures}
+            "failed": failures, "damaged": damaged}
 
 
 def _number(v: Any) -> float | None:
@@ -384,6 +398,8 @@ def pivot_notes(p: dict[str, Any]) -> list[str]:
         out.append(f"{DAGGER} includes a degenerate trial: {t} ({first}{more_text})")
     for t, r in (p.get("failed") or {}).items():
         out.append(f"no value for {t}: {r} (trials/{t}/interpret/error.txt; `vgg-xai postprocess` retries it)")
+    for t, r in (p.get("damaged") or {}).items():
+        out.append(f"not read: {t}: {r}")
     return out
 
 

@@ -10,7 +10,6 @@ command that runs it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -25,8 +24,8 @@ from . import runtime
 from .checkpoint import atomic_write_text
 from .config import JobSpec, TrialConfig
 from .errors import DiskFull, UserError
+from .trial_folder import CONFIG, FINISHED, finished
 
-FINISHED = ("completed", "diverged")
 
 
 
@@ -43,12 +42,7 @@ class Plan:
         return self.sweep_dir / "trials" / trial_id
 
     def pending(self) -> list[tuple[str, TrialConfig]]:
-        return [(t, c) for t, c in self.trials if not _finished(self.trial_dir(t))]
-
-
-def _finished(trial_dir: Path) -> bool:
-    result = trial_dir / "result.json"
-    return result.is_file() and json.loads(result.read_text()).get("status") in FINISHED
+        return [(t, c) for t, c in self.trials if not finished(self.trial_dir(t))]
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -167,8 +161,8 @@ def plan(spec: JobSpec, *, data: str | Path | None = None, force_new: bool = Fal
         sweep_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved, yaml.safe_dump(resolved, sort_keys=True))
         for tid, cfg in p.trials:  # every trial has a folder from the start: tables list the ones never run
-            if not (p.trial_dir(tid) / "config.json").is_file():
-                atomic_write_text(p.trial_dir(tid) / "config.json", cfg.to_json())
+            if not (p.trial_dir(tid) / CONFIG).is_file():
+                atomic_write_text(p.trial_dir(tid) / CONFIG, cfg.to_json())
     return p
 
 
@@ -199,7 +193,7 @@ def describe(p: Plan) -> str:
              f"retries {p.spec.retries}", f"results: {p.sweep_dir}", f"data: {p.data}"]
     done = "finished under the earlier spec" if p.changes else "finished"
     for tid, cfg in p.trials:
-        status = done if _finished(p.trial_dir(tid)) else "to run"
+        status = done if finished(p.trial_dir(tid)) else "to run"
         lines.append(f"  {tid:<36} {cfg.arch} width {cfg.width:g} {cfg.head} epochs {cfg.epochs}  [{status}]")
     return "\n".join(lines)
 
@@ -249,8 +243,8 @@ def run(p: Plan, *, address: str | None = None, stream=None) -> Outcome:
     print(f"sweep {p.spec.name}: {len(pending)} trials to run, {len(p.trials) - len(pending)} finished earlier; "
           f"results in {p.sweep_dir}", file=stream, flush=True)
     if pending:
-        rows = [trial_row(p.trial_dir(t), driver_alive=True, jobs_active=False) or new_row(t, c.epochs)
-                for t, c in p.trials]
+        rows = [trial_row(p.trial_dir(t), driver_alive=True, jobs_active=False) for t, c in p.trials]
+        rows = [new_row(t, c.epochs) if r["status"] == "damaged" else r for r, (t, c) in zip(rows, p.trials)]
         for r in rows:  # as the sweep starts: finished, or waiting to run (from its checkpoint's epoch)
             if r["status"] not in FINISHED:
                 r.update(status="pending", note="")
@@ -280,7 +274,7 @@ def _record_errors(p: Plan, errors: dict[str, BaseException]) -> None:
     fault: no error.txt, and the rerun after space is freed continues from the checkpoints."""
     full: DiskFull | None = None
     for tid, err in errors.items():
-        if _finished(p.trial_dir(tid)):
+        if finished(p.trial_dir(tid)):
             continue
         if isinstance(err, DiskFull):
             full = full or err

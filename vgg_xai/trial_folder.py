@@ -1,0 +1,165 @@
+"""The small files of a trial folder: their names, one reader each, and a trial's state.
+
+    config.json     the trial's settings (TrialConfig)
+    result.json     written once the trial has finished: status (completed | diverged) and its numbers
+    history.csv     one row per epoch (train.HISTORY_COLUMNS)
+    attempts.jsonl  one JSON object per attempt to train it: host, pid, start epoch, time, Ray, SLURM
+    error.txt       the last attempt's error, where every attempt failed
+
+Every reader has one policy for a damaged file (cut short by a full disk or a killed copy, garbage
+bytes, a record of the wrong shape or with values of the wrong type): it raises `Damaged`, whose one
+line names the file, what is wrong with it and what to do. A table or a status view shows that trial
+as `damaged` with that line and reads every other trial. A missing file is not damage: it is None
+(or no rows), as for a trial that has not got so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+CONFIG, RESULT, HISTORY, ATTEMPTS, ERROR = "config.json", "result.json", "history.csv", "attempts.jsonl", "error.txt"
+FINISHED = ("completed", "diverged")
+# The numeric columns of history.csv (train.HISTORY_COLUMNS less status).
+HISTORY_NUMBERS = ("epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds", "images_per_s")
+# What to do about each file when it is damaged.
+FIX = {
+    CONFIG: "run the sweep command again to write it anew",
+    RESULT: "delete it and run the sweep command again: the trial finishes again from its last checkpoint",
+    HISTORY: "restore it from a copy, or delete the trial folder and run the sweep command again to retrain it",
+    ATTEMPTS: "restore it from a copy, or delete it (it records where the trial ran, not its results)",
+    "metrics.json": "run `vgg-xai postprocess` again: it redoes an interpretation that does not read",
+}
+
+
+class Damaged(Exception):
+    """A trial file that does not read as what it should be; str() is the one line to show."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}; {FIX.get(path.name, 'restore it or delete it')}")
+        self.path, self.why = path, why
+
+
+def _text(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise Damaged(path, f"not text (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise Damaged(path, f"cannot be read ({e.strerror})") from None
+
+
+def _json_object(path: Path, text: str, what: str) -> dict[str, Any]:
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        cut = " (cut short?)" if "Unterminated" in str(e) or "Expecting" in str(e) else ""
+        raise Damaged(path, f"not valid JSON{cut}: {e}") from None
+    if not isinstance(d, dict):
+        raise Damaged(path, f"{what} is a JSON {type(d).__name__}, not an object")
+    return d
+
+
+def _number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def read_config(trial_dir: Path) -> dict[str, Any] | None:
+    """config.json as a dict (variant, lr_schedule, seed, epochs checked for their types); None if missing."""
+    path = trial_dir / CONFIG
+    text = _text(path)
+    if text is None:
+        return None
+    d = _json_object(path, text, "the settings")
+    for key, types in (("variant", str), ("lr_schedule", str), ("seed", int), ("epochs", int)):
+        if key in d and (not isinstance(d[key], types) or isinstance(d[key], bool)):
+            raise Damaged(path, f"{key} is {d[key]!r}, not a {types.__name__}")
+    return d
+
+
+def read_result(trial_dir: Path) -> dict[str, Any] | None:
+    """result.json as a dict (status one of FINISHED, its numbers numbers or null); None if missing."""
+    path = trial_dir / RESULT
+    text = _text(path)
+    if text is None:
+        return None
+    d = _json_object(path, text, "the result")
+    if d.get("status") not in FINISHED:
+        raise Damaged(path, f"status is {d.get('status')!r}, not one of {', '.join(FINISHED)}")
+    for key in ("epochs_completed", "best_valid_acc", "best_epoch", "test_loss", "test_acc", "wall_s"):
+        if not _number(d.get(key)):
+            raise Damaged(path, f"{key} is {d[key]!r}, not a number")
+    return d
+
+
+def read_history(trial_dir: Path) -> list[dict[str, Any]]:
+    """history.csv's rows, numbers as floats ([] where there is none yet)."""
+    path = trial_dir / HISTORY
+    text = _text(path)
+    if text is None:
+        return []
+    rows = list(csv.DictReader(text.splitlines()))
+    out = []
+    for i, row in enumerate(rows, 2):  # line 1 is the header
+        try:
+            parsed = {k: float(row[k]) for k in HISTORY_NUMBERS}
+        except KeyError as e:
+            raise Damaged(path, f"no column {e.args[0]} (line {i})") from None
+        except (TypeError, ValueError):
+            bad = next((k for k in HISTORY_NUMBERS if not _parses(row.get(k))), "?")
+            raise Damaged(path, f"line {i}: {bad} is {row.get(bad)!r}, not a number") from None
+        out.append({**row, **parsed})
+    return out
+
+
+def _parses(v: Any) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def read_attempts(trial_dir: Path) -> list[dict[str, Any]]:
+    """attempts.jsonl's records, one per attempt ([] where there is none yet); each a JSON object whose
+    pid and start_epoch are whole numbers and host a string."""
+    path = trial_dir / ATTEMPTS
+    text = _text(path)
+    if text is None:
+        return []
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        a = _json_object(path, line, f"line {i}")
+        for key, types in (("pid", int), ("start_epoch", int), ("host", str)):
+            if key in a and (not isinstance(a[key], types) or isinstance(a[key], bool)):
+                raise Damaged(path, f"line {i}: {key} is {a[key]!r}, not a {'whole number' if types is int else 'string'}")
+        if "time" in a and not (_number(a["time"]) and a["time"] is not None and math.isfinite(a["time"])):
+            raise Damaged(path, f"line {i}: time is {a['time']!r}, not a number")
+        out.append(a)
+    return out
+
+
+def state(trial_dir: Path) -> str:
+    """completed | diverged (result.json), failed (error.txt), running (a checkpoint: started) or pending;
+    raises Damaged where result.json does not read."""
+    result = read_result(trial_dir)
+    if result is not None:
+        return result["status"]
+    if (trial_dir / ERROR).is_file():
+        return "failed"
+    return "running" if (trial_dir / "checkpoint.pt").is_file() else "pending"
+
+
+def finished(trial_dir: Path) -> bool:
+    """The trial has a result; a damaged result.json is not one (the trial finishes again from its checkpoint)."""
+    try:
+        return read_result(trial_dir) is not None
+    except Damaged:
+        return False
