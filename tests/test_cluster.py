@@ -1,0 +1,161 @@
+"""A real SLURM of three nodes on this machine (`cluster/local-slurm/local-slurm start --nodes 3`):
+each node a slurmd in a network namespace of its own, with its own name and address. The cluster
+here is this module's own (its own run dir, tag, subnet and node names), so that a SLURM that CI or
+another test started is neither seen nor stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import LOCAL_SLURM
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Cluster:
+    run_dir: Path
+    env: dict[str, str]  # SLURM_CONF of this cluster, no_proxy with its addresses
+    nodes: list[tuple[str, str, str, str]]  # name, network namespace, address, host-side link
+    bridge: str
+    subnet: str  # the first three octets of the nodes' /24
+    start_s: float
+
+    def run(self, *cmd: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _cannot_start() -> str | None:
+    """Why a multi-node local SLURM cannot start here, or None."""
+    if os.geteuid() != 0:
+        return "the local SLURM needs root (cluster/local-slurm/local-slurm)"
+    if shutil.which("slurmctld") is None:
+        return "SLURM is not installed here: run cluster/local-slurm/local-slurm install"
+    for tool, package in (("ip", "iproute2"), ("nsenter", "util-linux"), ("unshare", "util-linux")):
+        if shutil.which(tool) is None:
+            return f"{tool} not found: the nodes' network namespaces need {package}"
+    r = subprocess.run(["unshare", "--net", "--uts", "--mount", "true"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"this machine cannot make network namespaces: {r.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def nodes3():
+    reason = _cannot_start()
+    if reason:
+        pytest.skip(reason=reason)
+    run_dir = Path(tempfile.mkdtemp(prefix="vgg-xai-test-nodes-", dir="/tmp"))  # short: munge's socket path
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    env["VGG_XAI_SLURM_DIR"] = str(run_dir)
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run([str(LOCAL_SLURM), "start", "--nodes", "3"], env=env, capture_output=True, text=True,
+                           timeout=300)
+        start_s = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        print(f"\n3-node SLURM started in {start_s:.1f} s")
+        env["SLURM_CONF"] = r.stdout.strip().splitlines()[-1].split("=", 1)[1]
+        nodes = [tuple(line.split()) for line in (run_dir / "nodes").read_text().splitlines()]
+        bridge, subnet = (run_dir / "net").read_text().split()
+        # the nodes' addresses bypass the (closed) proxy, as loopback does
+        direct = ",".join([env.get("no_proxy", "127.0.0.1,localhost"), f"{subnet}.1", *(n[2] for n in nodes)])
+        env["no_proxy"] = env["NO_PROXY"] = direct
+        yield Cluster(run_dir, env, nodes, bridge, subnet, start_s)
+    finally:
+        subprocess.run([str(LOCAL_SLURM), "stop", "--purge"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_three_nodes_each_with_its_own_name_and_address(nodes3):
+    names = [n[0] for n in nodes3.nodes]
+    addrs = {n[0]: n[2] for n in nodes3.nodes}
+    assert len(names) == 3 and len(set(names)) == 3 and len(set(addrs.values())) == 3
+    assert all(a.startswith(nodes3.subnet + ".") for a in addrs.values())
+
+    # SLURM knows three idle nodes, each at the address its namespace has
+    r = nodes3.run("sinfo", "-h", "-N", "-o", "%N|%T|%o")
+    assert r.returncode == 0, r.stderr
+    seen = sorted(line.split("|") for line in r.stdout.splitlines())
+    assert seen == [[n, "idle", addrs[n]] for n in names], r.stdout
+
+    # one task a node: each ran on its own node, under its own host name, with that node's address,
+    # and with no route beyond the nodes' subnet
+    script = ('echo "$SLURMD_NODENAME|$(hostname)|$(ip -4 -o addr show dev eth0 | awk \'{print $4}\')|'
+              '$(ip -4 route | tr \'\\n\' \';\')"')
+    r = nodes3.run("srun", "-N3", "--ntasks-per-node=1", "sh", "-c", script, timeout=120)
+    assert r.returncode == 0, r.stderr
+    tasks = sorted(line.split("|") for line in r.stdout.splitlines())
+    assert [t[0] for t in tasks] == names, r.stdout
+    for node, host, addr, routes in tasks:
+        assert host == node and addr == f"{addrs[node]}/24", tasks
+        assert routes.rstrip(";").split(";") == [f"{nodes3.subnet}.0/24 dev eth0 proto kernel scope link "
+                                                 f"src {addrs[node]} "], routes
+
+    # a real network path from node to node: a server on the first node sees the second node's address
+    first, second = names[0], names[1]
+    server = subprocess.Popen(
+        ["srun", "-N1", "-w", first, "python3", "-c",
+         "import socket; s = socket.create_server((socket.gethostbyname(socket.gethostname()), 7123)); "
+         "print('listening', flush=True); c, peer = s.accept(); print(peer[0], c.recv(64).decode(), flush=True)"],
+        env=nodes3.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        r = nodes3.run("srun", "-N1", "-w", second, "python3", "-c",
+                       f"import socket; socket.create_connection(('{first}', 7123), timeout=10).sendall(b'hi')")
+        assert r.returncode == 0, r.stderr
+        out, err = server.communicate(timeout=60)
+        assert out.split() == [addrs[second], "hi"], (out, err)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_stop_removes_what_start_made_and_nothing_else(nodes3):
+    """Last in this module: it stops the module's cluster."""
+    run_dir = nodes3.run_dir
+    pids = [int(p.read_text().split()[0]) for p in [*run_dir.glob("run/*.pid"), run_dir / "munge" / "munged.pid"]]
+    assert len(pids) == 4 + 3 and all(Path(f"/proc/{p}").exists() for p in pids)
+    # what a job left behind on a node (a process in its namespace that SLURM no longer tracks)
+    ns = nodes3.nodes[1][1]
+    left = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "sleep", "600"])
+    # a namespace and a link of the same pattern that start did not make: stop must leave them be
+    tag = ns.rsplit("-", 2)[1]
+    decoy_ns, decoy_link = f"vgg-xai-{tag}-9", f"vx{tag}n9"
+    subprocess.run(["ip", "netns", "add", decoy_ns], check=True)
+    try:
+        subprocess.run(["ip", "link", "add", decoy_link, "type", "veth", "peer", "name", f"vx{tag}m9"], check=True)
+        try:
+            t0 = time.monotonic()
+            r = nodes3.run(str(LOCAL_SLURM), "stop", "--purge")
+            stop_s = time.monotonic() - t0
+            print(f"\n3-node SLURM stopped in {stop_s:.1f} s")
+            assert r.returncode == 0, r.stderr
+            assert left.wait(timeout=10) != 0  # killed
+            alive = [p for p in pids if Path(f"/proc/{p}").exists()
+                     and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+            assert alive == []
+            netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+            for name, namespace, _, link in nodes3.nodes:
+                assert namespace not in netns and f" {link}@" not in links and f" {link}:" not in links
+                assert not Path(f"/sys/fs/cgroup/freezer/slurm_{name}").exists()
+            assert f" {nodes3.bridge}:" not in links
+            assert not run_dir.exists()
+            assert decoy_ns in netns and f" {decoy_link}@" in links  # not its to remove
+        finally:
+            subprocess.run(["ip", "link", "del", decoy_link])
+    finally:
+        subprocess.run(["ip", "netns", "del", decoy_ns])
+        if left.poll() is None:
+            left.kill()
