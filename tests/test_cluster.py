@@ -6,8 +6,10 @@ another test started is neither seen nor stopped.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import subprocess
 import tempfile
 import time
@@ -15,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import LOCAL_SLURM
+from conftest import LOCAL_SLURM, REPO
+from vgg_xai.results import collect_rows
 
 pytestmark = pytest.mark.slow
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 
 
 @dataclass
@@ -119,6 +124,57 @@ def test_three_nodes_each_with_its_own_name_and_address(nodes3):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def _wait_states(cluster: Cluster, ids: list[str], timeout: float = 600) -> dict[str, str]:
+    end = time.monotonic() + timeout
+    states: dict[str, str] = {}
+    while time.monotonic() < end:
+        out = cluster.run("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)).stdout
+        states = {line.split("|")[0]: line.split("|")[1].split()[0] for line in out.splitlines() if "|" in line}
+        if len(states) == len(ids) and set(states.values()) <= FINAL:
+            return states
+        time.sleep(2)
+    raise AssertionError(f"jobs {ids} did not end: {states}")
+
+
+def test_a_sweep_runs_across_two_nodes(nodes3, tmp_path, tiny_cache):
+    """cluster/local-multi.yaml (nodes: 2): one Ray cluster over the two nodes of the allocation, each
+    node's Ray on that node's address; trials of 2 CPUs on nodes of 2 CPUs, so both nodes train."""
+    spec = {"name": "mn", "data": {"source": str(tiny_cache)}, "model": {"width": 0.125},
+            "grid": {"variant": ["plain", "bn"], "lr_schedule": ["const_1e-3"]},
+            "training": {"epochs": 1, "batch_size": 64, "precision": "fp32"},
+            "resources": {"cpu": 2}, "retries": 1, "results": str(tmp_path / "results")}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    t0 = time.monotonic()
+    r = nodes3.run(sys.executable, "-m", "vgg_xai.cli", "submit", str(tmp_path / "spec.yaml"), "--cluster",
+                   str(REPO / "cluster" / "local-multi.yaml"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    jobs = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line.split()[0] in ("sweep", "postprocess")}
+    sweep = tmp_path / "results" / "mn"
+    states = _wait_states(nodes3, [jobs["sweep"], jobs["postprocess"]])
+    print(f"\nsubmit to done on 2 nodes (2 trials x 1 epoch, then post-processing): {time.monotonic() - t0:.1f} s")
+    status = nodes3.run(sys.executable, "-m", "vgg_xai.cli", "status", str(sweep)).stdout
+    assert states == {jobs["sweep"]: "COMPLETED", jobs["postprocess"]: "COMPLETED"}, status
+
+    # the sweep job had two nodes, and each of them trained a trial, under its own name and address
+    out = nodes3.run("sacct", "-X", "-n", "-P", "-o", "NodeList", "-j", jobs["sweep"]).stdout.strip()
+    allocated = set(nodes3.run("scontrol", "show", "hostnames", out).stdout.split())
+    addrs = {n[0]: n[2] for n in nodes3.nodes}
+    assert len(allocated) == 2 and allocated <= set(addrs), out
+    rows = collect_rows(sweep)
+    assert sorted(r["status"] for r in rows) == ["completed", "completed"]
+    attempts = [json.loads(line) for r in rows
+                for line in (sweep / "trials" / r["trial_id"] / "attempts.jsonl").read_text().splitlines()]
+    assert {a["host"] for a in attempts} == allocated, attempts
+    assert all(a["node"] == addrs[a["host"]] and a["slurm_job_id"] == jobs["sweep"] for a in attempts), attempts
+    # the Ray nodes bound the nodes' own addresses: the head's log names its address
+    logs = "".join(p.read_text(errors="replace") for p in (sweep / "slurm" / "ray-logs").glob("*.log"))
+    assert any(f"{addrs[n]}:" in logs for n in allocated), logs[-2000:]
+    # post-processing completed: tables and report
+    assert (sweep / "tables" / "accuracy.csv").is_file() and (sweep / "report.html").is_file()
+    table = json.loads((sweep / "tables" / "accuracy.json").read_text())
+    assert sorted(row["trial_id"] for row in table["rows"]) == sorted(r["trial_id"] for r in rows)
 
 
 def test_stop_removes_what_start_made_and_nothing_else(nodes3):
