@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import LOCAL_SLURM, REPO
+from conftest import LOCAL_SLURM, REPO, RUN_MARK
 from vgg_xai.results import collect_rows
 
 pytestmark = pytest.mark.slow
@@ -126,16 +127,32 @@ def test_three_nodes_each_with_its_own_name_and_address(nodes3):
             server.wait()
 
 
-def _wait_states(cluster: Cluster, ids: list[str], timeout: float = 600) -> dict[str, str]:
+def _wait_states(cluster: Cluster, ids: list[str], timeout: float = 600, while_waiting=lambda: None) -> dict[str, str]:
     end = time.monotonic() + timeout
     states: dict[str, str] = {}
     while time.monotonic() < end:
+        while_waiting()
         out = cluster.run("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)).stdout
         states = {line.split("|")[0]: line.split("|")[1].split()[0] for line in out.splitlines() if "|" in line}
         if len(states) == len(ids) and set(states.values()) <= FINAL:
             return states
         time.sleep(2)
     raise AssertionError(f"jobs {ids} did not end: {states}")
+
+
+def _listeners(ns: str | None) -> list[tuple[str, str, int]]:
+    """(address:port, program, pid) of the TCP listeners in network namespace ``ns`` (None: the machine's own)."""
+    cmd = ["ss", "-ltnpH"] if ns is None else ["nsenter", f"--net=/run/netns/{ns}", "ss", "-ltnpH"]
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    return [(line.split()[3], prog, int(pid)) for line in out.splitlines()
+            for prog, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line)]
+
+
+def _started_here(pid: int) -> bool:
+    try:
+        return f"VGG_XAI_TEST_RUN={RUN_MARK}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
 
 
 def test_a_sweep_runs_across_two_nodes(nodes3, tmp_path, tiny_cache):
@@ -152,7 +169,22 @@ def test_a_sweep_runs_across_two_nodes(nodes3, tmp_path, tiny_cache):
     assert r.returncode == 0, r.stderr
     jobs = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line.split()[0] in ("sweep", "postprocess")}
     sweep = tmp_path / "results" / "mn"
-    states = _wait_states(nodes3, [jobs["sweep"], jobs["postprocess"]])
+    # While it runs: where do this run's Ray daemons listen? Each node's in its own namespace (whose
+    # only addresses are the node's and its own loopback), none in the machine's own namespace.
+    daemons = {int(p.read_text().split()[0]) for p in [*nodes3.run_dir.glob("run/*.pid"),
+                                                        nodes3.run_dir / "munge" / "munged.pid"]}
+    ray_on: dict[str, set[str]] = {n[0]: set() for n in nodes3.nodes}
+    outside: list[tuple[str, str, int]] = []
+    ours_here: set[str] = set()  # the cluster's own daemons, which do listen there: the filter finds them
+
+    def sample() -> None:
+        for name, ns, _, _ in nodes3.nodes:
+            ray_on[name] |= {local for local, prog, _ in _listeners(ns) if prog in ("raylet", "gcs_server")}
+        mine = [x for x in _listeners(None) if _started_here(x[2])]
+        ours_here.update(prog for _, prog, pid in mine if pid in daemons)
+        outside.extend(x for x in mine if x[2] not in daemons)
+
+    states = _wait_states(nodes3, [jobs["sweep"], jobs["postprocess"]], while_waiting=sample)
     print(f"\nsubmit to done on 2 nodes (2 trials x 1 epoch, then post-processing): {time.monotonic() - t0:.1f} s")
     status = nodes3.run(sys.executable, "-m", "vgg_xai.cli", "status", str(sweep)).stdout
     assert states == {jobs["sweep"]: "COMPLETED", jobs["postprocess"]: "COMPLETED"}, status
@@ -168,6 +200,8 @@ def test_a_sweep_runs_across_two_nodes(nodes3, tmp_path, tiny_cache):
                 for line in (sweep / "trials" / r["trial_id"] / "attempts.jsonl").read_text().splitlines()]
     assert {a["host"] for a in attempts} == allocated, attempts
     assert all(a["node"] == addrs[a["host"]] and a["slurm_job_id"] == jobs["sweep"] for a in attempts), attempts
+    assert {n for n, seen in ray_on.items() if seen} == allocated, ray_on
+    assert outside == [] and "slurmctld" in ours_here  # nothing of the job listened in the machine's namespace
     # the Ray nodes bound the nodes' own addresses: the head's log names its address
     logs = "".join(p.read_text(errors="replace") for p in (sweep / "slurm" / "ray-logs").glob("*.log"))
     assert any(f"{addrs[n]}:" in logs for n in allocated), logs[-2000:]
