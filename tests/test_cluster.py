@@ -167,7 +167,8 @@ def test_a_sweep_runs_across_two_nodes(nodes3, tmp_path, tiny_cache):
     r = nodes3.run(sys.executable, "-m", "vgg_xai.cli", "submit", str(tmp_path / "spec.yaml"), "--cluster",
                    str(REPO / "cluster" / "local-multi.yaml"), timeout=300)
     assert r.returncode == 0, r.stderr
-    jobs = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line.split()[0] in ("sweep", "postprocess")}
+    jobs = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()
+            if line.split()[0] in ("sweep", "postprocess")}
     sweep = tmp_path / "results" / "mn"
     # While it runs: where do this run's Ray daemons listen? Each node's in its own namespace (whose
     # only addresses are the node's and its own loopback), none in the machine's own namespace.
@@ -202,6 +203,16 @@ def test_a_sweep_runs_across_two_nodes(nodes3, tmp_path, tiny_cache):
     assert all(a["node"] == addrs[a["host"]] and a["slurm_job_id"] == jobs["sweep"] for a in attempts), attempts
     assert {n for n, seen in ray_on.items() if seen} == allocated, ray_on
     assert outside == [] and "slurmctld" in ours_here  # nothing of the job listened in the machine's namespace
+    # `vgg-xai status` says which node ran which trial; `vgg-xai logs` where each attempt ran
+    shown = {line.split()[0]: line for line in status.splitlines() if line.split()}
+    for r in rows:
+        trial = sweep / "trials" / r["trial_id"]
+        tried = [json.loads(line) for line in (trial / "attempts.jsonl").read_text().splitlines()]
+        assert shown[r["trial_id"]].endswith(f"slurm {jobs['sweep']} on {tried[-1]['host']}"), status
+        log = nodes3.run(sys.executable, "-m", "vgg_xai.cli", "logs", str(sweep), r["trial_id"]).stdout
+        for i, a in enumerate(tried, 1):
+            where = f"on {a['host']} (PID {a['pid']}, SLURM job {jobs['sweep']}, Ray node {a['node']})"
+            assert f"attempt {i} {where}" in log, log
     # the Ray nodes bound the nodes' own addresses: the head's log names its address
     logs = "".join(p.read_text(errors="replace") for p in (sweep / "slurm" / "ray-logs").glob("*.log"))
     assert any(f"{addrs[n]}:" in logs for n in allocated), logs[-2000:]
@@ -209,6 +220,72 @@ def test_a_sweep_runs_across_two_nodes(nodes3, tmp_path, tiny_cache):
     assert (sweep / "tables" / "accuracy.csv").is_file() and (sweep / "report.html").is_file()
     table = json.loads((sweep / "tables" / "accuracy.json").read_text())
     assert sorted(row["trial_id"] for row in table["rows"]) == sorted(r["trial_id"] for r in rows)
+
+
+def _submit(cluster: Cluster, tmp_path: Path, cache: Path, name: str, variants: list[str], profile: str, *args: str):
+    """Submit a sweep of 1-epoch trials of 2 CPUs each (a whole node of this cluster); its job ids and folder."""
+    d = tmp_path / name
+    d.mkdir()
+    spec = {"name": name, "data": {"source": str(cache)}, "model": {"width": 0.125},
+            "grid": {"variant": variants, "lr_schedule": ["const_1e-3"]},
+            "training": {"epochs": 1, "batch_size": 64, "precision": "fp32"},
+            "resources": {"cpu": 2}, "retries": 1, "results": str(d / "results")}
+    (d / "spec.yaml").write_text(yaml.safe_dump(spec))
+    r = cluster.run(sys.executable, "-m", "vgg_xai.cli", "submit", str(d / "spec.yaml"), "--cluster",
+                    str(REPO / "cluster" / profile), *args, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ids = [(line.split()[0], line.split()[1]) for line in r.stdout.splitlines()
+           if line.split()[0] in ("sweep", "trial", "postprocess")]
+    return ids, d / "results" / name
+
+
+def _hosts(sweep: Path) -> dict[str, list[str]]:
+    """trial id -> the host of each of its attempts."""
+    return {t.name: [json.loads(line)["host"] for line in (t / "attempts.jsonl").read_text().splitlines()]
+            for t in sorted((sweep / "trials").iterdir()) if (t / "attempts.jsonl").is_file()}
+
+
+def test_an_array_spreads_over_the_nodes(nodes3, tmp_path, tiny_cache):
+    """--mode array: one task a trial, each task a whole node (2 CPUs), so three trials run on three nodes."""
+    t0 = time.monotonic()
+    ids, sweep = _submit(nodes3, tmp_path, tiny_cache, "arr", ["plain", "bn", "l2"], "local.yaml", "--mode", "array")
+    assert [role for role, _ in ids] == ["trial", "trial", "trial", "postprocess"], ids
+    states = _wait_states(nodes3, [jid for _, jid in ids])
+    print(f"\narray of 3 trials on 3 nodes, then post-processing: {time.monotonic() - t0:.1f} s")
+    assert set(states.values()) == {"COMPLETED"}, states
+    hosts = _hosts(sweep)
+    assert len(hosts) == 3 and {h[-1] for h in hosts.values()} == {n[0] for n in nodes3.nodes}, hosts
+    assert sorted(r["status"] for r in collect_rows(sweep)) == ["completed"] * 3
+    status = nodes3.run(sys.executable, "-m", "vgg_xai.cli", "status", str(sweep)).stdout
+    for trial, h in hosts.items():
+        line = next(x for x in status.splitlines() if x.startswith(trial + " "))
+        assert line.endswith(f" on {h[-1]}") and " slurm " in line, status
+
+
+def test_two_sweep_jobs_share_the_cluster(nodes3, tmp_path, tiny_cache):
+    """One sweep job on two nodes and one on the third, at the same time: each has its own Ray, and both
+    complete with their post-processing."""
+    t0 = time.monotonic()
+    two, sweep2 = _submit(nodes3, tmp_path, tiny_cache, "two", ["plain", "bn"], "local-multi.yaml")
+    one, sweep1 = _submit(nodes3, tmp_path, tiny_cache, "one", ["bn"], "local.yaml")
+    ids = dict(two), dict(one)
+    states = _wait_states(nodes3, [jid for _, jid in two + one])
+    print(f"\na 2-node and a 1-node sweep job at once, with their post-processing: {time.monotonic() - t0:.1f} s")
+    assert set(states.values()) == {"COMPLETED"}, states
+    out = nodes3.run("sacct", "-X", "-n", "-P", "-o", "JobID,Start,End,NodeList", "-j",
+                     f"{ids[0]['sweep']},{ids[1]['sweep']}").stdout
+    (s0, e0, n0), (s1, e1, n1) = [line.split("|")[1:] for line in out.splitlines()]
+    assert s1 < e0 and s0 < e1, out  # at the same time
+    on2 = set(nodes3.run("scontrol", "show", "hostnames", n0).stdout.split())
+    on1 = set(nodes3.run("scontrol", "show", "hostnames", n1).stdout.split())
+    assert len(on2) == 2 and len(on1) == 1 and not on1 & on2, out
+    assert {h for hs in _hosts(sweep2).values() for h in hs} == on2
+    assert {h for hs in _hosts(sweep1).values() for h in hs} == on1
+    rays = [json.loads((s / "trials" / "bn-lr1e-3-s0" / "attempts.jsonl").read_text().splitlines()[0])["ray"]
+            for s in (sweep2, sweep1)]
+    assert all(rays) and rays[0] != rays[1]  # two Ray clusters, one a job
+    for s in (sweep2, sweep1):
+        assert (s / "report.html").is_file() and all(r["status"] == "completed" for r in collect_rows(s))
 
 
 def test_stop_removes_what_start_made_and_nothing_else(nodes3):
