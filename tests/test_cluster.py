@@ -46,7 +46,7 @@ def _cannot_start() -> str | None:
         return "the local SLURM needs root (cluster/local-slurm/local-slurm)"
     if shutil.which("slurmctld") is None:
         return "SLURM is not installed here: run cluster/local-slurm/local-slurm install"
-    for tool, package in (("ip", "iproute2"), ("nsenter", "util-linux"), ("unshare", "util-linux")):
+    for tool, package in (("ip", "iproute2"), ("ss", "iproute2"), ("nsenter", "util-linux"), ("unshare", "util-linux")):
         if shutil.which(tool) is None:
             return f"{tool} not found: the nodes' network namespaces need {package}"
     r = subprocess.run(["unshare", "--net", "--uts", "--mount", "true"], capture_output=True, text=True)
@@ -110,13 +110,13 @@ def test_three_nodes_each_with_its_own_name_and_address(nodes3):
     # a real network path from node to node: a server on the first node sees the second node's address
     first, second = names[0], names[1]
     server = subprocess.Popen(
-        ["srun", "-N1", "-w", first, "python3", "-c",
+        ["srun", "-N1", "-w", first, sys.executable, "-c",
          "import socket; s = socket.create_server((socket.gethostbyname(socket.gethostname()), 7123)); "
          "print('listening', flush=True); c, peer = s.accept(); print(peer[0], c.recv(64).decode(), flush=True)"],
         env=nodes3.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "listening"
-        r = nodes3.run("srun", "-N1", "-w", second, "python3", "-c",
+        r = nodes3.run("srun", "-N1", "-w", second, sys.executable, "-c",
                        f"import socket; socket.create_connection(('{first}', 7123), timeout=10).sendall(b'hi')")
         assert r.returncode == 0, r.stderr
         out, err = server.communicate(timeout=60)
