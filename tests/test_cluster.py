@@ -288,11 +288,43 @@ def test_two_sweep_jobs_share_the_cluster(nodes3, tmp_path, tiny_cache):
         assert (s / "report.html").is_file() and all(r["status"] == "completed" for r in collect_rows(s))
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_node_kills_every_process_of_the_node_at_once(nodes3):
+    """`local-slurm kill-node` as a node dies: SIGKILL to its slurmd and everything on it, and DOWN in
+    SLURM; the other nodes go on taking jobs."""
+    name, ns = nodes3.nodes[2][:2]
+    slurmd = int((nodes3.run_dir / "run" / f"slurmd-{name}.pid").read_text())
+    on_it = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "sleep", "600"])  # stands for a trial
+    t0 = time.monotonic()
+    r = nodes3.run(str(LOCAL_SLURM), "kill-node", name)
+    print(f"\nkill-node: {time.monotonic() - t0:.1f} s")
+    assert r.returncode == 0, r.stderr
+    assert on_it.wait(timeout=5) == -9 and not _running(slurmd)
+    assert subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split() == []
+    states = dict(line.split("|") for line in nodes3.run("sinfo", "-h", "-N", "-o", "%N|%T").stdout.splitlines())
+    assert states[name].startswith("down") and [states[n[0]] for n in nodes3.nodes[:2]] == ["idle", "idle"], states
+    r = nodes3.run("srun", "-N2", "hostname", timeout=60)
+    assert r.returncode == 0 and sorted(r.stdout.split()) == [n[0] for n in nodes3.nodes[:2]], (r.stdout, r.stderr)
+    r = nodes3.run(str(LOCAL_SLURM), "kill-node", "nope")
+    assert r.returncode == 1 and "no node 'nope' in this cluster" in r.stderr
+
+
 def test_stop_removes_what_start_made_and_nothing_else(nodes3):
     """Last in this module: it stops the module's cluster."""
     run_dir = nodes3.run_dir
-    pids = [int(p.read_text().split()[0]) for p in [*run_dir.glob("run/*.pid"), run_dir / "munge" / "munged.pid"]]
-    assert len(pids) == 4 + 3 and all(Path(f"/proc/{p}").exists() for p in pids)
+    files = [*run_dir.glob("run/*.pid"), run_dir / "munge" / "munged.pid"]
+    pids = {p.name: int(p.read_text().split()[0]) for p in files}
+    states = dict(line.split("|") for line in nodes3.run("sinfo", "-h", "-N", "-o", "%N|%T").stdout.splitlines())
+    up = {f"slurmd-{n}.pid" for n, state in states.items() if not state.startswith("down")}
+    assert len(pids) == 4 + 3 and {f for f, p in pids.items() if _running(p)} == set(pids) - {
+        f"slurmd-{n}.pid" for n in states} | up  # every daemon runs but the slurmd of a node killed above
+    pids = [p for p in pids.values() if _running(p)]
     # what a job left behind on a node (a process in its namespace that SLURM no longer tracks)
     ns = nodes3.nodes[1][1]
     left = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "sleep", "600"])
@@ -309,9 +341,7 @@ def test_stop_removes_what_start_made_and_nothing_else(nodes3):
             print(f"\n3-node SLURM stopped in {stop_s:.1f} s")
             assert r.returncode == 0, r.stderr
             assert left.wait(timeout=10) != 0  # killed
-            alive = [p for p in pids if Path(f"/proc/{p}").exists()
-                     and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
-            assert alive == []
+            assert [p for p in pids if _running(p)] == []
             netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
             links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
             for name, namespace, _, link in nodes3.nodes:
