@@ -177,6 +177,9 @@ WALK = [
     "vgg-xai submit jobs/smoke.yaml --cluster cluster/local.yaml --data PATH",
     "vgg-xai status results/smoke",
     "cluster/local-slurm/local-slurm stop",
+    'eval "$(cluster/local-slurm/local-slurm start --nodes 3)"',
+    "vgg-xai submit jobs/smoke.yaml --cluster cluster/local-multi.yaml --data PATH",
+    "cluster/local-slurm/local-slurm stop --purge",
 ]
 
 
@@ -315,6 +318,41 @@ def test_slurm_on_a_cluster_and_on_the_local_one(walk, tmp_path):
     finally:
         _walk_line(local, "cluster/local-slurm/local-slurm stop", timeout=300)
         subprocess.run(["rm", "-rf", str(run_dir)])
+
+
+def test_slurm_across_nodes(walk, tmp_path):
+    """The README's multi-node block: the smoke study on two nodes of a local 3-node SLURM."""
+    if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
+        pytest.skip(reason="the local SLURM needs root (cluster/local-slurm/local-slurm)")
+    run_dir = Path(tempfile_dir())
+    walk.env["VGG_XAI_SLURM_DIR"] = str(run_dir)
+    walk.env.pop("SLURM_CONF", None)
+    local = Shell(tmp_path, walk.env)
+    for name in ("jobs", "cluster", "fake_ssh.py"):
+        (tmp_path / name).symlink_to(walk.cwd / name)
+    try:
+        _walk_line(local, 'eval "$(cluster/local-slurm/local-slurm start --nodes 3)"', timeout=300)
+        assert local.env["SLURM_CONF"].startswith(str(run_dir))
+        nodes = {line.split()[0]: line.split()[2] for line in (run_dir / "nodes").read_text().splitlines()}
+        subnet = (run_dir / "net").read_text().split()[1]
+        # the nodes' addresses bypass the (closed) proxy, as loopback does
+        local.env["no_proxy"] = local.env["NO_PROXY"] = ",".join(
+            [local.env.get("no_proxy", "127.0.0.1,localhost"), f"{subnet}.1", *nodes.values()])
+        r = _walk_line(local, "vgg-xai submit jobs/smoke.yaml --cluster cluster/local-multi.yaml --data PATH")
+        assert re.search(r"^sweep\s+\d+", r.stdout, re.M) and re.search(r"^postprocess\s+\d+", r.stdout, re.M)
+        sweep = tmp_path / "results" / "smoke"
+        states = _wait_for_jobs(local, sweep)
+        assert set(states.values()) == {"COMPLETED"}, _walk_line(local, "vgg-xai status results/smoke").stdout
+        r = _walk_line(local, "vgg-xai status results/smoke")
+        assert r.stdout.startswith("sweep smoke: 15/15 done, 0 running, 0 pending, 0 failed · "
+                                   "no SLURM job of this sweep is queued"), r.stdout
+        # one sweep job on two nodes, and both trained trials; status names the node of each
+        ran_on = {line.rsplit(" on ", 1)[1] for line in r.stdout.splitlines() if " completed: test " in line}
+        assert len(ran_on) == 2 and ran_on <= set(nodes), r.stdout
+        assert (sweep / "tables" / "accuracy.csv").is_file() and (sweep / "report.html").is_file()
+    finally:
+        _walk_line(local, "cluster/local-slurm/local-slurm stop --purge", timeout=300)
+        assert not run_dir.exists()
 
 
 def tempfile_dir() -> str:

@@ -173,9 +173,11 @@ class LiveTable:
 # ---------------------------------------------------------------------------- status from the folders
 
 def _where(a: dict[str, Any]) -> str:
+    """The last attempt's SLURM job (or array task) and the node it ran on; host:PID outside SLURM."""
     if a.get("slurm_job_id"):
         task = a.get("slurm_array_task_id")
-        return f"slurm {a.get('slurm_array_job_id') or a['slurm_job_id']}" + (f"_{task}" if task else "")
+        job = f"slurm {a.get('slurm_array_job_id') or a['slurm_job_id']}" + (f"_{task}" if task else "")
+        return f"{job} on {a['host']}" if a.get("host") else job
     return f"{a.get('host', '?')}:{a.get('pid', '?')}"
 
 
