@@ -287,16 +287,22 @@ def test_postprocessing_and_results(walk):
     assert (sweep / "tables" / "accuracy.csv").read_text() == (pulled / "tables" / "accuracy.csv").read_text()
 
 
-def test_slurm_on_a_cluster_and_on_the_local_one(walk, tmp_path):
+def _local_slurm_shell(walk, tmp_path) -> tuple[Shell, Path]:
+    """A shell in a fresh folder (the study is trained through SLURM) whose local SLURM lives in a run folder
+    of its own, so that its `stop` stops only the one it started; skips where not root."""
     if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
         pytest.skip(reason="the local SLURM needs root (cluster/local-slurm/local-slurm)")
-    # A folder of its own for the README's local SLURM, so that its `stop` stops only the one it started.
     run_dir = Path(tempfile_dir())
     walk.env["VGG_XAI_SLURM_DIR"] = str(run_dir)
     walk.env.pop("SLURM_CONF", None)
-    local = Shell(tmp_path, walk.env)  # a fresh folder: this study is trained through SLURM
+    local = Shell(tmp_path, walk.env)
     for name in ("jobs", "cluster", "fake_ssh.py"):
         (tmp_path / name).symlink_to(walk.cwd / name)
+    return local, run_dir
+
+
+def test_slurm_on_a_cluster_and_on_the_local_one(walk, tmp_path):
+    local, run_dir = _local_slurm_shell(walk, tmp_path)
     try:
         _walk_line(local, "cluster/local-slurm/local-slurm install", timeout=900)
         _walk_line(local, 'eval "$(cluster/local-slurm/local-slurm start --gpus 2)"', timeout=300)
@@ -322,14 +328,7 @@ def test_slurm_on_a_cluster_and_on_the_local_one(walk, tmp_path):
 
 def test_slurm_across_nodes(walk, tmp_path):
     """The README's multi-node block: the smoke study on two nodes of a local 3-node SLURM."""
-    if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
-        pytest.skip(reason="the local SLURM needs root (cluster/local-slurm/local-slurm)")
-    run_dir = Path(tempfile_dir())
-    walk.env["VGG_XAI_SLURM_DIR"] = str(run_dir)
-    walk.env.pop("SLURM_CONF", None)
-    local = Shell(tmp_path, walk.env)
-    for name in ("jobs", "cluster", "fake_ssh.py"):
-        (tmp_path / name).symlink_to(walk.cwd / name)
+    local, run_dir = _local_slurm_shell(walk, tmp_path)
     try:
         _walk_line(local, 'eval "$(cluster/local-slurm/local-slurm start --nodes 3)"', timeout=300)
         assert local.env["SLURM_CONF"].startswith(str(run_dir))

@@ -69,13 +69,16 @@ def _number(v: Any) -> bool:
     return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
+def _read_object(path: Path, what: str) -> tuple[Path, dict[str, Any] | None]:
+    text = _text(path)
+    return path, None if text is None else _json_object(path, text, what)
+
+
 def read_config(trial_dir: Path) -> dict[str, Any] | None:
     """config.json as a dict (variant, lr_schedule, seed, epochs checked for their types); None if missing."""
-    path = trial_dir / CONFIG
-    text = _text(path)
-    if text is None:
+    path, d = _read_object(trial_dir / CONFIG, "the settings")
+    if d is None:
         return None
-    d = _json_object(path, text, "the settings")
     for key, types in (("variant", str), ("lr_schedule", str), ("seed", int), ("epochs", int)):
         if key in d and (not isinstance(d[key], types) or isinstance(d[key], bool)):
             raise Damaged(path, f"{key} is {d[key]!r}, not a {types.__name__}")
@@ -84,11 +87,9 @@ def read_config(trial_dir: Path) -> dict[str, Any] | None:
 
 def read_result(trial_dir: Path) -> dict[str, Any] | None:
     """result.json as a dict (status one of FINISHED, its numbers numbers or null); None if missing."""
-    path = trial_dir / RESULT
-    text = _text(path)
-    if text is None:
+    path, d = _read_object(trial_dir / RESULT, "the result")
+    if d is None:
         return None
-    d = _json_object(path, text, "the result")
     if d.get("status") not in FINISHED:
         raise Damaged(path, f"status is {d.get('status')!r}, not one of {', '.join(FINISHED)}")
     for key in ("epochs_completed", "best_valid_acc", "best_epoch", "test_loss", "test_acc", "wall_s"):
