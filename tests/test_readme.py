@@ -301,6 +301,21 @@ def _local_slurm_shell(walk, tmp_path) -> tuple[Shell, Path]:
     return local, run_dir
 
 
+def _submit_the_smoke_study(local: Shell, profile: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's submit of the smoke study with ``profile``, waited for: both jobs completed, every trial
+    done, the tables and the report written; returns the sweep folder and `vgg-xai status` of it."""
+    r = _walk_line(local, f"vgg-xai submit jobs/smoke.yaml --cluster {profile} --data PATH")
+    assert re.search(r"^sweep\s+\d+", r.stdout, re.M) and re.search(r"^postprocess\s+\d+", r.stdout, re.M)
+    sweep = local.cwd / "results" / "smoke"
+    states = _wait_for_jobs(local, sweep)
+    assert set(states.values()) == {"COMPLETED"}, _walk_line(local, "vgg-xai status results/smoke").stdout
+    r = _walk_line(local, "vgg-xai status results/smoke")
+    assert r.stdout.startswith("sweep smoke: 15/15 done, 0 running, 0 pending, 0 failed · "
+                               "no SLURM job of this sweep is queued"), r.stdout
+    assert (sweep / "tables" / "accuracy.csv").is_file() and (sweep / "report.html").is_file()
+    return sweep, r
+
+
 def test_slurm_on_a_cluster_and_on_the_local_one(walk, tmp_path):
     local, run_dir = _local_slurm_shell(walk, tmp_path)
     try:
@@ -311,16 +326,8 @@ def test_slurm_on_a_cluster_and_on_the_local_one(walk, tmp_path):
         _walk_line(local, "vgg-xai submit jobs/seed.yaml --cluster cluster/example-gpu.yaml")
         _walk_line(local, "vgg-xai status results/seed")
         _walk_line(local, "vgg-xai cancel results/seed")
-        r = _walk_line(local, "vgg-xai submit jobs/smoke.yaml --cluster cluster/local.yaml --data PATH")
-        assert re.search(r"^sweep\s+\d+", r.stdout, re.M) and re.search(r"^postprocess\s+\d+", r.stdout, re.M)
-        sweep = tmp_path / "results" / "smoke"
-        states = _wait_for_jobs(local, sweep)
-        assert set(states.values()) == {"COMPLETED"}, _walk_line(local, "vgg-xai status results/smoke").stdout
-        r = _walk_line(local, "vgg-xai status results/smoke")
+        _, r = _submit_the_smoke_study(local, "cluster/local.yaml")
         assert r.stdout.count("COMPLETED") == 2 and r.stdout.count(" completed: test ") == 15, r.stdout
-        assert r.stdout.startswith("sweep smoke: 15/15 done, 0 running, 0 pending, 0 failed · "
-                                   "no SLURM job of this sweep is queued"), r.stdout
-        assert (sweep / "tables" / "accuracy.csv").is_file() and (sweep / "report.html").is_file()
     finally:
         _walk_line(local, "cluster/local-slurm/local-slurm stop", timeout=300)
         subprocess.run(["rm", "-rf", str(run_dir)])
@@ -337,18 +344,10 @@ def test_slurm_across_nodes(walk, tmp_path):
         # the nodes' addresses bypass the (closed) proxy, as loopback does
         local.env["no_proxy"] = local.env["NO_PROXY"] = ",".join(
             [local.env.get("no_proxy", "127.0.0.1,localhost"), f"{subnet}.1", *nodes.values()])
-        r = _walk_line(local, "vgg-xai submit jobs/smoke.yaml --cluster cluster/local-multi.yaml --data PATH")
-        assert re.search(r"^sweep\s+\d+", r.stdout, re.M) and re.search(r"^postprocess\s+\d+", r.stdout, re.M)
-        sweep = tmp_path / "results" / "smoke"
-        states = _wait_for_jobs(local, sweep)
-        assert set(states.values()) == {"COMPLETED"}, _walk_line(local, "vgg-xai status results/smoke").stdout
-        r = _walk_line(local, "vgg-xai status results/smoke")
-        assert r.stdout.startswith("sweep smoke: 15/15 done, 0 running, 0 pending, 0 failed · "
-                                   "no SLURM job of this sweep is queued"), r.stdout
+        _, r = _submit_the_smoke_study(local, "cluster/local-multi.yaml")
         # one sweep job on two nodes, and both trained trials; status names the node of each
         ran_on = {line.rsplit(" on ", 1)[1] for line in r.stdout.splitlines() if " completed: test " in line}
         assert len(ran_on) == 2 and ran_on <= set(nodes), r.stdout
-        assert (sweep / "tables" / "accuracy.csv").is_file() and (sweep / "report.html").is_file()
     finally:
         _walk_line(local, "cluster/local-slurm/local-slurm stop --purge", timeout=300)
         assert not run_dir.exists()
