@@ -30,7 +30,7 @@ from conftest import RUN_MARK, SHARED_DATA, ray_processes
 from vgg_xai import features
 from vgg_xai.config import TrialConfig
 from vgg_xai.interpret.embedding import tsne_method
-from vgg_xai.postprocess import FAITHFULNESS_KEYS, SANITY_KEYS, Settings, read_arrays
+from vgg_xai.postprocess import FAITHFULNESS_KEYS, SANITY_KEYS, Settings, grid_panels, read_arrays
 from vgg_xai.report import TRIAL_FIGURES
 from vgg_xai.train import run_trial
 
@@ -197,6 +197,15 @@ def test_a_learning_trial_is_interpreted_fully_with_spread_and_sample_sizes(post
     assert {p.stem for p in out.glob("*.png")} == set(TRIAL_FIGURES)
     emb = read_arrays(out / "arrays.h5")["embedding"]["tsne"]
     assert emb.shape == (10_000, 2) and np.isfinite(emb).all()
-    # The sweep's grids are drawn, from the trials that have maps and an embedding.
+    # The mixture shown and scored is one component per class, and metrics.json says so beside the BIC's choice.
+    assert (m["gmm"]["k"], m["gmm"]["covariance_type"]) == (10, "full") and len(m["gmm"]["bic_best"]) == 2
+    assert m["gmm"]["k_reason"].startswith("one component per class: ARI, NMI and purity compare the clusters")
+    # The sweep's grids are drawn with a panel for every trial: those without maps or an embedding say why.
     for fig in ("cam_grid", "tsne_grid"):
         assert (sweep / "figures" / f"{fig}.png").is_file(), fig
+        panels = grid_panels(sweep, fig)
+        assert set(panels) == {COLLAPSED, LEARNING, KILLED} and panels[LEARNING] is None, panels
+        assert panels[KILLED].startswith("interpretation failed: WorkerCrashedError"), panels
+    skipped = _metrics(sweep, COLLAPSED)["skipped"]
+    assert grid_panels(sweep, "tsne_grid")[COLLAPSED] == skipped["tsne"]
+    assert grid_panels(sweep, "cam_grid")[COLLAPSED] == skipped["cam"]

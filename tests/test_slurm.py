@@ -155,7 +155,8 @@ def test_array_mode(slurm, tmp_path, tiny_cache):
 
 
 def test_cancel_leaves_no_process(slurm, tmp_path, tiny_cache):
-    jobs = _submit(str(_spec(tmp_path, tiny_cache, training={"epochs": 200})), "--cluster", str(_profile(tmp_path)))
+    spec, profile = _spec(tmp_path, tiny_cache, training={"epochs": 200}), _profile(tmp_path)
+    jobs = _submit(str(spec), "--cluster", str(profile))
     trials = tmp_path / "results" / "s" / "trials"
     end = time.monotonic() + 300
     while not list(trials.glob("*/checkpoint.pt")):
@@ -169,6 +170,15 @@ def test_cancel_leaves_no_process(slurm, tmp_path, tiny_cache):
     while ray_processes() or _job_processes(tmp_path):
         assert time.monotonic() < end, (ray_processes(), _job_processes(tmp_path))
         time.sleep(1)
+    # once SLURM has no job of it queued, status names the command that continues the cancelled sweep, as submit
+    # recorded it
+    end = time.monotonic() + 120
+    while "no SLURM job of this sweep is queued" not in (st := _cli("status", str(tmp_path / "results" / "s")).stdout):
+        assert time.monotonic() < end, st
+        time.sleep(2)
+    st = st.splitlines()
+    hint = [i for i, line in enumerate(st) if line.endswith("nothing is running them; to continue, run:")]
+    assert len(hint) == 1 and st[hint[0] + 1] == f"  vgg-xai submit {spec} --cluster {profile}", st
 
 
 def _job_processes(tmp_path: Path) -> list[str]:

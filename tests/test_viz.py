@@ -464,6 +464,21 @@ def test_bic_marks_the_best():
     assert (list(default.get_xdata()), list(default.get_ydata())) == ([4], [1.0])
 
 
+def test_bic_says_which_k_is_scored_and_why():
+    b = np.array([[5.0, 3.0, np.nan, 4.0], [6.0, 2.0, 1.0, 7.0]])
+    ks, types = [2, 3, 4, 5], ["full", "diag"]
+    ax = viz.bic(b, ks, types, best=(4, "diag"), scored=(3, "full"), why="one component per class").axes[0]
+    assert ax.get_title().splitlines() == ["Gaussian mixture model selection",
+                                           "scored: k=3, full: one component per class"]
+    ring, star = ax.lines[-2:]  # the scored fit ringed, the lowest BIC starred and said not to be scored
+    assert (list(ring.get_xdata()), list(ring.get_ydata())) == ([3], [3.0]) and ring.get_label() == "scored: k=3, full"
+    assert (list(star.get_xdata()), list(star.get_ydata())) == ([4], [1.0])
+    assert star.get_label() == "lowest BIC, not scored: k=4, diag"
+    assert legend_texts(ax.get_legend())[-2:] == ["scored: k=3, full", "lowest BIC, not scored: k=4, diag"]
+    same = viz.bic(b, ks, types, scored=(4, "diag"), why="the lowest BIC").axes[0]  # scored is the lowest: no ring
+    assert [x.get_label() for x in same.lines[2:]] == ["lowest BIC: k=4, diag"]
+
+
 def test_contingency_writes_every_count():
     table = rng().integers(0, 50, (4, 10))
     ax = viz.contingency(table, CLASSES).axes[0]
@@ -623,3 +638,36 @@ def test_tsne_grid_one_row_per_variant():
     cols = {ax.get_title(): round(ax.get_position().x0, 3) for ax in fig.axes}
     assert rows["plain-a"] == rows["plain-c"] > rows["bn-a"] > rows["l2-a"] == rows["l2-b"]
     assert cols["plain-a"] == cols["bn-a"] == cols["l2-a"] < cols["plain-b"] == cols["l2-b"]
+
+
+def test_tsne_grid_keeps_a_labelled_grey_panel_for_a_trial_without_an_embedding():
+    ids = ["plain-a", "plain-b", "bn-a"]
+    why = {"plain-b": "the test images' feature vectors are nearly identical: no neighbourhoods to embed"}
+    embs = [rng().normal(size=(30, 2)), None, rng().normal(size=(30, 2))]
+    fig = viz.tsne_grid(embs, [np.arange(30) % 10, None, np.arange(30) % 10], ids, CLASSES,
+                        rows=["plain", "plain", "bn"], why=why)
+    assert [ax.get_title() for ax in fig.axes] == ids  # every trial has its panel, in place
+    grey = fig.axes[1]
+    assert not grey.collections and grey.get_facecolor()[:3] == (viz.LEFT_OUT_GREY,) * 3
+    (text,) = grey.texts
+    assert " ".join(text.get_text().split()) == f"no t-SNE: {why['plain-b']}"
+    assert all(ax.collections for ax in (fig.axes[0], fig.axes[2]))
+    assert fig.get_suptitle().splitlines()[1] == "grey: 1 of 3 trials have no embedding (why: in the panel)"
+
+
+def test_cam_grid_keeps_a_labelled_grey_column_for_a_trial_without_maps():
+    ids = ["t0", "t1", "t2"]
+    maps = [rng().random((2, 8, 8)), None, rng().random((2, 8, 8))]
+    targets = [np.array([2, 9]), None, np.array([1, 9])]
+    fig = viz.cam_grid(images(2), maps, ids, CLASSES, np.array([2, 9]), targets=targets, why={"t1": "collapsed"})
+    ax = mosaic_axes(fig)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["image", *ids]
+    centre = ax.get_xticks()[2]
+    x = int(centre)  # t1's column: grey from top to bottom, under its id
+    column = ax.images[0].get_array()[:, x]
+    tiles = column[(column != 255).any(axis=1)]
+    assert len(tiles) and (tiles == round(viz.LEFT_OUT_GREY * 255)).all()
+    reasons = [t for t in ax.texts if t.get_rotation() == 90]
+    assert [t.get_text() for t in reasons] == ["no maps: collapsed"] and reasons[0].get_position()[0] == centre
+    assert [t.get_text() for t in ax.texts if t.get_rotation() != 90] == ["automobile"]  # t2's first target only
+    assert fig.get_suptitle().splitlines()[-1] == "grey: 1 of 3 trials have no maps (why: down the column)"

@@ -27,7 +27,9 @@ metrics.json (this module writes it; JSON null wherever a value was not computed
                  and sanity_n_degenerate (of those pairs, left out: a flat map)
     degenerate   {"detected": bool, "reasons": [one line each], "checks": {name: number or bool}}
     skipped      {analysis: one-line reason}; analyses: cam, faithfulness, sanity, tsne, gmm
-    faithfulness, sanity, tsne, gmm   the details of each analysis (None where it was skipped)
+    faithfulness, sanity, tsne, gmm   the details of each analysis (None where it was skipped); gmm's ``k``
+                 and ``covariance_type`` are the mixture shown and scored, ``k_reason`` says why that k,
+                 and ``bic_best`` is the BIC scan's lowest (k, type), which is drawn but not scored
     settings, cam, per_class_accuracy, probes, classes, device, seconds, cpu_seconds
     images       which test images each analysis reads (IMAGES_RULE)
 """
@@ -398,8 +400,9 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
         a["embedding"].update(gmm=gmm["labels"],
                               contingency=clusters.contingency(dump.labels, gmm["labels"], len(classes)))
         a["bic"] = {"bic": scan["bic"], "ks": scan["ks"], "covariance_types": scan["covariance_types"]}
-        gmm_meta = {"k": s.gmm_k, "covariance_type": "full", "pca_dim": int(z.shape[1]), "converged": gmm["converged"],
-                    "n_iter": gmm["n_iter"], "bic": gmm["bic"], "bic_best": list(scan["best"]), "clusters_used": used}
+        gmm_meta = {"k": s.gmm_k, "covariance_type": "full", "k_reason": scored_k_reason(s.gmm_k, len(classes)),
+                    "pca_dim": int(z.shape[1]), "converged": gmm["converged"], "n_iter": gmm["n_iter"],
+                    "bic": gmm["bic"], "bic_best": list(scan["best"]), "clusters_used": used}
     lap("gmm")
 
     conf = metrics.confusion(dump.labels, dump.predictions, len(classes))
@@ -482,11 +485,20 @@ def draw_trial(out: Path, a: dict[str, Any], m: dict[str, Any], history: dict[st
                                                 {k: m["summary"][k] for k in ("ari", "nmi", "purity")})
     if "gmm" in e:
         figs["bic"] = lambda: viz.bic(a["bic"]["bic"], a["bic"]["ks"], a["bic"]["covariance_types"],
-                                      tuple(m["gmm"]["bic_best"]))
+                                      tuple(m["gmm"]["bic_best"]), scored=(m["gmm"]["k"], m["gmm"]["covariance_type"]),
+                                      why=m["gmm"].get("k_reason", ""))
         figs["contingency"] = lambda: viz.contingency(e["contingency"], classes)
     if "bn" in a:
         figs["bn_histograms"] = lambda: viz.bn_histograms({n: a["bn"][n] for n in a["bn"]["layers"]})
     return [viz.save(draw(), out / f"{name}.png") for name, draw in figs.items()]
+
+
+def scored_k_reason(k: int, n_classes: int) -> str:
+    """Why the mixture that is shown and scored has ``k`` components, whatever k the BIC scan prefers."""
+    if k == n_classes:
+        return (f"one component per class: ARI, NMI and purity compare the clusters with the {n_classes} classes; "
+                "the BIC scan's lowest k is shown, not scored")
+    return f"k = {k} as set (Settings.gmm_k); the BIC scan's lowest k is shown, not scored"
 
 
 def _reliability(trial_dir: Path) -> dict[str, np.ndarray] | None:
@@ -579,10 +591,10 @@ def postprocess(sweep_dir: str | Path, settings: Settings = Settings(), workers:
 
 def draw_sweep(sweep_dir: Path, pivot: dict[str, Any]) -> list[Path]:
     """figures/: accuracy bars with the chance line, valid curves, the CAM grid and the t-SNE grid;
-    the trials in variant x schedule order, those whose maps or embedding were skipped left out."""
+    the trials in variant x schedule order. The grids show every trial: one without maps or an
+    embedding (skipped as degenerate, not interpreted, never finished) gets a grey panel saying why."""
     from . import viz
-    from .report import shown
-    from .results import collect_rows, ordered, read_interpretation
+    from .results import collect_rows, ordered
 
     out = sweep_dir / "figures"
     rows = ordered(collect_rows(sweep_dir))
@@ -591,7 +603,6 @@ def draw_sweep(sweep_dir: Path, pivot: dict[str, Any]) -> list[Path]:
     trials = [d for d in trials if (d / "history.csv").is_file()]
     done = [d for d in trials if all((d / "interpret" / f).is_file() for f in ("arrays.h5", "metrics.json"))]
     arrays = {d.name: read_arrays(d / "interpret" / "arrays.h5") for d in done}
-    metrics = {d.name: read_interpretation(d) for d in done}
     # CIFAR-10 has 10 classes; an interpreted trial names them.
     n_classes = len(arrays[done[0].name]["classes"]) if done else 10
     chance = 1 / n_classes if pivot["metric"] in ("test_acc", "best_valid_acc") else None
@@ -601,21 +612,65 @@ def draw_sweep(sweep_dir: Path, pivot: dict[str, Any]) -> list[Path]:
                                 out / "valid_curves.png"))
     if done:
         first = arrays[done[0].name]
-        method = metrics[done[0].name].get("cam", {}).get("method", "gradcam")
-        cams = [t for t, a in arrays.items() if shown("cam_grid", metrics[t]["skipped"]) and method in a.get("cam", {})
-                and np.array_equal(a["probes"]["indices"], first["probes"]["indices"])]
-        if cams:
-            p = first["probes"]
-            written.append(viz.save(viz.cam_grid(p["images"], np.stack([arrays[t]["cam"][method] for t in cams]), cams,
-                                                 first["classes"], p["labels"],
-                                                 targets=np.stack([arrays[t]["probes"]["predictions"] for t in cams]),
-                                                 method=method, groups=[variant_of[t] for t in cams]),
-                                    out / "cam_grid.png"))
-        tsne = [t for t, a in arrays.items()
-                if shown("tsne_grid", metrics[t]["skipped"]) and "tsne" in a.get("embedding", {})]
-        if tsne:
-            written.append(viz.save(viz.tsne_grid([arrays[t]["embedding"]["tsne"] for t in tsne],
-                                                  [arrays[t]["embedding"]["labels"] for t in tsne], tsne,
-                                                  first["classes"], rows=[variant_of[t] for t in tsne]),
+        ids = [r["trial_id"] for r in rows]
+        groups = [variant_of[t] for t in ids]
+        why = grid_panels(sweep_dir, "cam_grid", arrays)
+        if any(w is None for w in why.values()):
+            method, p = _cam_method(sweep_dir, done[0].name), first["probes"]
+            cams = [arrays[t]["cam"][method] if why[t] is None else None for t in ids]
+            preds = [arrays[t]["probes"]["predictions"] if why[t] is None else None for t in ids]
+            written.append(viz.save(viz.cam_grid(p["images"], cams, ids, first["classes"], p["labels"], targets=preds,
+                                                 method=method, groups=groups, why=why), out / "cam_grid.png"))
+        why = grid_panels(sweep_dir, "tsne_grid", arrays)
+        if any(w is None for w in why.values()):
+            emb = [arrays[t]["embedding"] if why[t] is None else None for t in ids]
+            written.append(viz.save(viz.tsne_grid([None if e is None else e["tsne"] for e in emb],
+                                                  [None if e is None else e["labels"] for e in emb],
+                                                  ids, first["classes"], rows=groups, why=why),
                                     out / "tsne_grid.png"))
     return written
+
+
+def _cam_method(sweep_dir: Path, trial_id: str) -> str:
+    """The CAM method a trial's interpretation scored (the sweep's CAM grid shows it)."""
+    from .results import read_interpretation
+
+    return (read_interpretation(sweep_dir / "trials" / trial_id) or {}).get("cam", {}).get("method", "gradcam")
+
+
+def grid_panels(sweep_dir: Path, figure: str, arrays: dict[str, dict] | None = None) -> dict[str, str | None]:
+    """Every trial of the sweep, in variant x schedule order, and why a sweep grid ("cam_grid" or
+    "tsne_grid") has nothing to show for it: None where it has something, else one line (the analysis
+    was skipped, and its reason; the trial was not interpreted; it has no result). ``arrays``: the
+    interpreted trials' arrays.h5, where the caller has read them."""
+    from .report import FIGURE_ANALYSES
+    from .results import collect_rows, interpretation_state, ordered, read_interpretation
+
+    rows = ordered(collect_rows(sweep_dir))
+    done = [r["trial_id"] for r in rows if all((sweep_dir / "trials" / r["trial_id"] / "interpret" / f).is_file()
+                                               for f in ("arrays.h5", "metrics.json"))]
+    if arrays is None:
+        arrays = {t: read_arrays(sweep_dir / "trials" / t / "interpret" / "arrays.h5") for t in done}
+    method = _cam_method(sweep_dir, done[0]) if done else "gradcam"
+    analyses = FIGURE_ANALYSES[figure]
+    out: dict[str, str | None] = {}
+    for r in rows:
+        tid = r["trial_id"]
+        if tid not in done:
+            why = interpretation_state(sweep_dir / "trials" / tid)[1]
+            out[tid] = why or ("not interpreted" if r["status"] == "completed" else f"{r['status']}: no result")
+            continue
+        skipped = (read_interpretation(sweep_dir / "trials" / tid) or {}).get("skipped", {})
+        reasons = [v if k == analyses[0] else f"{k}: {v}" for k, v in skipped.items() if k in analyses or k == figure]
+        a = arrays[tid]
+        if reasons:
+            out[tid] = "; ".join(reasons)
+        elif figure == "cam_grid" and method not in a.get("cam", {}):
+            out[tid] = f"no {method} maps"
+        elif figure == "cam_grid" and not np.array_equal(a["probes"]["indices"], arrays[done[0]]["probes"]["indices"]):
+            out[tid] = "other probe images than the other trials'"
+        elif figure == "tsne_grid" and "tsne" not in a.get("embedding", {}):
+            out[tid] = "no embedding"
+        else:
+            out[tid] = None
+    return out

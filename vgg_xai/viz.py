@@ -8,6 +8,7 @@ draws hundreds of figures does not grow in memory.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -31,6 +32,7 @@ CAM_ALPHA = 0.5
 MAX_WIDTH = 24.0   # inches; only the many-trial grids get near it
 MAX_HEIGHT = 18.0
 GUTTER = 2         # white pixels between the tiles of an image mosaic
+LEFT_OUT_GREY = 0.9  # the panel of a trial a sweep grid has nothing to show for
 PNG_COMPRESS = 6   # zlib level of the PNGs (PIL's default)
 
 
@@ -313,25 +315,36 @@ def tsne_gmm(embedding: np.ndarray, labels: np.ndarray, clusters: np.ndarray, cl
     return fig
 
 
-def bic(bic: np.ndarray, ks: list[int], covariance_types: list[str], best: tuple[int, str] | None = None) -> Figure:
-    """BIC (types, ks) vs number of components per covariance type; the best fit (default: the
-    lowest BIC) marked with a star."""
+def bic(bic: np.ndarray, ks: list[int], covariance_types: list[str], best: tuple[int, str] | None = None,
+        scored: tuple[int, str] | None = None, why: str = "") -> Figure:
+    """BIC (types, ks) vs number of components per covariance type; the lowest BIC (``best``, by
+    default found here) marked with a star. ``scored``: the (k, type) of the mixture whose clusters
+    are shown and scored, said under the title with ``why`` that k, and ringed where it is not the
+    lowest BIC."""
     b = np.asarray(bic, dtype=float)
     ks, covariance_types = list(ks), list(covariance_types)  # arrays read back from HDF5 have no .index
-    fig, ((ax,),) = _figure(7, 4.5, left=1.0)
-    for t, row in zip(covariance_types, b):
-        ok = np.isfinite(row)
-        ax.plot(np.asarray(ks)[ok], row[ok], "o-", ms=3, label=t)
     if best is None and np.isfinite(b).any():
         i, j = np.unravel_index(np.nanargmin(b), b.shape)
         best = (ks[j], covariance_types[i])
+    lines = ["Gaussian mixture model selection"]
+    if scored is not None:
+        lines += textwrap.wrap(f"scored: k={scored[0]}, {scored[1]}" + (f": {why}" if why else ""), 80)
+    fig, ((ax,),) = _figure(7, 4.3 + 0.17 * len(lines), left=1.0, top=0.3 + 0.17 * len(lines))
+    for t, row in zip(covariance_types, b):
+        ok = np.isfinite(row)
+        ax.plot(np.asarray(ks)[ok], row[ok], "o-", ms=3, label=t)
+    if scored is not None and scored != best and scored[1] in covariance_types and scored[0] in ks:
+        k, t = scored
+        y = b[covariance_types.index(t), ks.index(k)]
+        ax.plot([k], [y], "o", ms=14, mfc="none", mec="black", mew=1.5, zorder=3, label=f"scored: k={k}, {t}")
     if best is not None:
         k, t = best
         y = b[covariance_types.index(t), ks.index(k)]
-        ax.plot([k], [y], "*", ms=16, color="gold", mec="black", zorder=3, label=f"best: k={k}, {t}")
+        lowest = "lowest BIC" + (", not scored" if scored is not None and scored != best else "")
+        ax.plot([k], [y], "*", ms=16, color="gold", mec="black", zorder=3, label=f"{lowest}: k={k}, {t}")
     ax.set_xlabel("number of components k")
     ax.set_ylabel("BIC (lower is better)")
-    ax.set_title("Gaussian mixture model selection")
+    ax.set_title("\n".join(lines), fontsize=10 if len(lines) > 1 else None)
     ax.set_xticks(ks)
     ax.grid(alpha=0.3)
     ax.legend(title="covariance")
@@ -494,16 +507,21 @@ def valid_curves(histories: dict[str, dict[str, np.ndarray]], variant_of: dict[s
     return fig
 
 
-def cam_grid(images: np.ndarray, maps: np.ndarray, trial_ids: list[str], classes: list[str],
-             labels: np.ndarray, targets: np.ndarray | None = None, method: str | None = None,
-             groups: list[str] | None = None) -> Figure:
+def cam_grid(images: np.ndarray, maps: list[np.ndarray | None] | np.ndarray, trial_ids: list[str],
+             classes: list[str], labels: np.ndarray, targets: list[np.ndarray | None] | np.ndarray | None = None,
+             method: str | None = None, groups: list[str] | None = None,
+             why: dict[str, str] | None = None) -> Figure:
     """The same probe images' maps across trials: rows = images, the image then one overlay
     column per trial in the order given (maps (T, P, H, W) in [0, 1]). ``method`` names the maps in
     the title; ``targets`` (T, P), the class each map was computed for, is written in red under a
     tile where it is not the image's true class; ``groups`` (a name per trial, e.g. its variant)
-    sets each run of columns of one name apart by a wider gap."""
+    sets each run of columns of one name apart by a wider gap. A trial whose maps are None keeps its
+    column, grey, with ``why[trial]`` written down it: the grid shows every trial it is given."""
     t, p = len(trial_ids), len(images)
-    cells = [[_rgb(img)] + [_blend(img, maps[j][i]) for j in range(t)] for i, img in enumerate(images)]
+    why = why or {}
+    blank = np.full((*np.asarray(images[0]).shape[:2], 3), LEFT_OUT_GREY)
+    cells = [[_rgb(img)] + [blank if maps[j] is None else _blend(img, maps[j][i]) for j in range(t)]
+             for i, img in enumerate(images)]
     names = [classes[int(labels[i])] for i in range(p)]
     col_gaps = {0: 6}
     if groups is not None:
@@ -512,17 +530,27 @@ def cam_grid(images: np.ndarray, maps: np.ndarray, trial_ids: list[str], classes
     title = f"{method or 'class activation'} maps across trials"
     if targets is not None:
         title += "\ntarget: the model's prediction (red: not the true class)"
+    left_out = [j for j in range(t) if maps[j] is None]
+    if left_out:
+        title += f"\ngrey: {len(left_out)} of {t} trials have no maps (why: down the column)"
     # Trial ids are written vertically above their columns; the top margin fits the longest.
     fig, ax, xc, yc = _grid(cells, cell=0.9, title=title, left=_text_in(names, 7) + 0.15,
-                            top=0.45 + 0.17 * (targets is not None) + _text_in(trial_ids, 6), col_gaps=col_gaps,
-                            row_gaps={i: under for i in range(p - 1)} if under else None,
+                            top=0.45 + 0.17 * ((targets is not None) + bool(left_out)) + _text_in(trial_ids, 6),
+                            col_gaps=col_gaps, row_gaps={i: under for i in range(p - 1)} if under else None,
                             bottom=0.1 + under / DPI)
     ax.set_xticks(xc, ["image"] + list(trial_ids), fontsize=6, rotation=90)
     ax.get_xticklabels()[0].set(rotation=0, fontsize=7)
     ax.set_yticks(yc, names, fontsize=7)
+    tile = 2 * yc[0] + 1
+    for j in left_out:  # the reason down the grey column, in as many lines as its width holds
+        chars = max(12, int(p * 0.9 * 72 / (0.62 * 6)) - 2)
+        text = textwrap.wrap(f"no maps: {why.get(trial_ids[j], 'not interpreted')}", chars)
+        ax.text(xc[1 + j], (yc[0] + yc[-1]) / 2, "\n".join(text[:3]), rotation=90, ha="center", va="center",
+                fontsize=6, color="0.3")
     if targets is not None:
-        tile = 2 * yc[0] + 1
         for j in range(t):
+            if targets[j] is None or maps[j] is None:
+                continue
             for i in range(p):
                 if int(targets[j][i]) != int(labels[i]):
                     ax.text(xc[1 + j], yc[i] + tile / 2, classes[int(targets[j][i])], ha="center", va="top",
@@ -530,12 +558,14 @@ def cam_grid(images: np.ndarray, maps: np.ndarray, trial_ids: list[str], classes
     return fig
 
 
-def tsne_grid(embeddings: list[np.ndarray], labels: list[np.ndarray], trial_ids: list[str],
-              classes: list[str], rows: list[str] | None = None) -> Figure:
+def tsne_grid(embeddings: list[np.ndarray | None], labels: list[np.ndarray | None], trial_ids: list[str],
+              classes: list[str], rows: list[str] | None = None, why: dict[str, str] | None = None) -> Figure:
     """One small t-SNE scatter per trial coloured by label, one shared legend. With ``rows`` (a name
     per trial, e.g. its variant) one row of panels per name, trials in the order given (so a
-    variant x schedule grid); else about 5 panels per row."""
+    variant x schedule grid); else about 5 panels per row. A trial whose embedding is None gets a
+    grey panel with its id and ``why[trial]``: the grid shows every trial it is given."""
     n = len(trial_ids)
+    why = why or {}
     if rows is None:
         place = [divmod(k, min(5, n)) for k in range(n)]
     else:
@@ -545,11 +575,21 @@ def tsne_grid(embeddings: list[np.ndarray], labels: list[np.ndarray], trial_ids:
     nrows, ncols = max(r for r, _ in place) + 1, max(c for _, c in place) + 1
     legend_w = 0.5 + _text_in(classes, 7)
     cell = min(2.2, (MAX_HEIGHT - 1) / nrows, (MAX_WIDTH - legend_w - 0.2) / ncols)
-    fig, axes = _figure(cell * ncols + legend_w, cell * nrows + 0.5, nrows, ncols, left=0.1, right=legend_w,
-                        top=0.55, bottom=0.1, wspace=0.1, hspace=0.3)
+    missing = sum(e is None for e in embeddings)
+    fig, axes = _figure(cell * ncols + legend_w, cell * nrows + 0.5 + 0.17 * bool(missing), nrows, ncols, left=0.1,
+                        right=legend_w, top=0.55 + 0.17 * bool(missing), bottom=0.1, wspace=0.1, hspace=0.3)
     for (r, c), e, y, tid in zip(place, embeddings, labels, trial_ids):
-        _scatter_by(axes[r, c], e, y, classes, s=1)
-        axes[r, c].set_title(tid, fontsize=7)
+        ax = axes[r, c]
+        if e is None:
+            _bare(ax)
+            ax.set_facecolor((LEFT_OUT_GREY,) * 3)
+            chars = max(12, int(cell * 72 / (0.62 * 6)) - 2)
+            text = textwrap.wrap(f"no t-SNE: {why.get(tid, 'not interpreted')}", chars)
+            ax.text(0.5, 0.5, "\n".join(text[:max(1, int(cell * 8))]), transform=ax.transAxes, ha="center",
+                    va="center", fontsize=6, color="0.3")
+        else:
+            _scatter_by(ax, e, y, classes, s=1)
+        ax.set_title(tid, fontsize=7)
     for (r, c), ax in np.ndenumerate(axes):
         if (r, c) not in place:
             ax.remove()
@@ -557,8 +597,10 @@ def tsne_grid(embeddings: list[np.ndarray], labels: list[np.ndarray], trial_ids:
     handles = [Line2D([], [], ls="", marker="o", ms=5, color=cmap(i % cmap.N)) for i in range(len(classes))]
     fig.legend(handles, classes, loc="center left", bbox_to_anchor=(1 - (legend_w - 0.1) / fig.get_figwidth(), 0.5),
                fontsize=7, frameon=False)
-    fig.suptitle("t-SNE of the test-set feature vectors, coloured by true label", y=1 - 0.08 / fig.get_figheight(),
-                 va="top")
+    title = "t-SNE of the test-set feature vectors, coloured by true label"
+    if missing:
+        title += f"\ngrey: {missing} of {n} trials have no embedding (why: in the panel)"
+    fig.suptitle(title, y=1 - 0.08 / fig.get_figheight(), va="top", fontsize=10 if missing else None)
     return fig
 
 
