@@ -68,6 +68,9 @@ NOT_RUN_HERE = {
         "test_the_cpu_study_plans checks its spec, and the smoke study runs the same code",
     SEEDS: "it trains 10 trials of the CPU study (about a quarter of an hour on 2 cores); "
            "test_the_cpu_study_plans checks what it plans",
+    "vgg-xai results results/cpu results/cpu-seeds --compare":
+        "it reads the two CPU-study sweeps above (about 40 minutes of training on 2 cores); test_compare.py pools "
+        "two sweep folders and compares their cells the same way",
     "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu":
         "it downloads torch's CPU build from download.pytorch.org (tests talk only to 127.0.0.1) and would "
         "replace this environment's torch",
