@@ -20,8 +20,6 @@ seed, from the spread within cells pooled over the sweep, and the `--set` flags 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import textwrap
@@ -33,7 +31,7 @@ import yaml
 from . import stats
 from .config import SCHEDULES, VARIANTS
 from .errors import UserError
-from .results import _aligned, _markdown, better_key, fmt_value, json_rows, pivot
+from .results import _aligned, _markdown, _rows_csv, better_key, fmt_value, json_rows, pivot
 
 BEYOND, WITHIN, ONE_SEED, NO_VALUE = ("beyond seed noise", "within seed noise", "one seed: no verdict",
                                       "no value: no verdict")
@@ -73,7 +71,7 @@ def compare(rows: list[dict[str, Any]], metric: str = "test_acc", ref_variant: s
     spread, dof = stats.pooled_sd([c["values"] for c in cells.values()])
     pairs = [("variant", s, f"{v}|{s}", f"{rv}|{s}") for s in p["schedules"] for v in p["variants"] if v != rv]
     pairs += [("schedule", v, f"{v}|{s}", f"{v}|{rs}") for v in p["variants"] for s in p["schedules"] if s != rs]
-    out = [_row(kind, within, cells[a], cells[b], a, b, spread) for kind, within, a, b in pairs
+    out = [_row(kind, within, cells[a], cells[b], a, b) for kind, within, a, b in pairs
            if cells[a]["of"] and cells[b]["of"]]
     for r, adjusted in zip(out, stats.holm([r["p"] for r in out])):
         r["p_holm"] = adjusted
@@ -86,8 +84,7 @@ def compare(rows: list[dict[str, Any]], metric: str = "test_acc", ref_variant: s
             "pooled_dof": dof, "higher_is_better": better_key(metric)(1.0) < better_key(metric)(0.0), "rows": out}
 
 
-def _row(kind: str, within: str, a: dict[str, Any], b: dict[str, Any], key_a: str, key_b: str,
-         spread: float) -> dict[str, Any]:
+def _row(kind: str, within: str, a: dict[str, Any], b: dict[str, Any], key_a: str, key_b: str) -> dict[str, Any]:
     row: dict[str, Any] = {
         "kind": kind, "within": within, "cell": key_a, "reference": key_b,
         "mean": a["mean"], "std": a["std"], "n": a["n"], "ref_mean": b["mean"], "ref_std": b["std"], "ref_n": b["n"],
@@ -224,13 +221,7 @@ def format_compare(c: dict[str, Any], markdown: bool = False) -> str:
 
 
 def compare_csv(c: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["metric", *COLUMNS], lineterminator="\n")
-    w.writeheader()
-    for r in c["rows"]:
-        w.writerow({"metric": c["metric"], **{k: "" if r[k] is None or (isinstance(r[k], float) and math.isnan(r[k]))
-                                              else (repr(r[k]) if isinstance(r[k], float) else r[k]) for k in COLUMNS}})
-    return buf.getvalue()
+    return _rows_csv([{"metric": c["metric"], **r} for r in c["rows"]], ["metric", *COLUMNS])
 
 
 def render_compare(rows: list[dict[str, Any]], metric: str = "test_acc", fmt: str = "table",

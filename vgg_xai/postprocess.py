@@ -311,12 +311,11 @@ def compute(trial_dir: Path, s: Settings, threads: int | None = None) -> tuple[d
                                                                 tiebreak=rnd)
                 _, probs_rnd = faithfulness.perturbation_curves(trained, fx, rnd, ft, mode, s.faithfulness_steps)
                 f.update({"x": share, mode: probs, f"{mode}_random": probs_rnd})
-                for key, p in ((f"{mode}_auc", probs), (f"{mode}_auc_random", probs_rnd)):
-                    auc = faithfulness.curve_auc(p)
+                aucs = faithfulness.curve_auc(probs), faithfulness.curve_auc(probs_rnd)
+                for key, auc in zip((f"{mode}_auc", f"{mode}_auc_random"), aucs):
                     summary[key], summary[f"{key}_se"] = float(auc.mean()), float(auc.std(ddof=1) / np.sqrt(len(auc)))
                 # the map against the random map on the same image: a paired difference
-                pair = stats.paired(faithfulness.curve_auc(probs), faithfulness.curve_auc(probs_rnd),
-                                    higher_is_better=mode == "insertion")
+                pair = stats.paired(*aucs, higher_is_better=mode == "insertion")
                 summary.update({f"{mode}_vs_random": pair["diff"], f"{mode}_vs_random_se": pair["se"],
                                 f"{mode}_wins": pair["wins"], f"{mode}_vs_random_p": pair["p"]})
             summary["faithfulness_n_images"] = len(fidx)

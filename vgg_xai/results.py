@@ -23,7 +23,7 @@ import numpy as np
 from .config import SCHEDULES, VARIANTS
 from .errors import UserError, format_size
 from . import trial_folder
-from .stats import mean_interval
+from .stats import ALPHA, mean_interval
 
 # The summary values of faithfulness and of the randomization check in a trial's interpret/metrics.json
 # (post-processing writes them, None where not computed): each AUC beside its random-map baseline with
@@ -145,12 +145,12 @@ def _interpret_columns(trial_dir: Path) -> dict[str, Any]:
 def verdict(row: dict[str, Any], mode: str) -> str:
     """Whether a trial's ``mode`` ("deletion" or "insertion") map beats the random map on the same images:
     its paired difference goes the better way (lower for deletion, higher for insertion) with a paired
-    t-test p below 0.05; "" where it was not computed."""
+    t-test p below ALPHA (as stats.paired's ``beats``); "" where it was not computed."""
     diff, p = _number(row.get(f"{mode}_vs_random")), _number(row.get(f"{mode}_vs_random_p"))
     if diff is None or p is None:
         return ""
     better = diff < 0 if mode == "deletion" else diff > 0
-    return BEATS if better and p < 0.05 else DOES_NOT
+    return BEATS if better and p < ALPHA else DOES_NOT
 
 
 def _from_float32(x: float) -> float:
@@ -250,8 +250,11 @@ def pool_rows(sweep_dirs: list[str | Path]) -> list[dict[str, Any]]:
     first: tuple[Path, dict[str, Any]] | None = None
     for d in map(Path, sweep_dirs):
         for r in load_rows(d):
-            cfg_file = d / "trials" / r["trial_id"] / "config.json"
-            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+            cfg_file = d / "trials" / r["trial_id"] / trial_folder.CONFIG
+            try:
+                cfg = trial_folder.read_config(cfg_file.parent)
+            except trial_folder.Damaged:  # its row says so; it has no settings to compare
+                cfg = None
             if cfg is not None:
                 shared = {k: v for k, v in cfg.items() if k not in POOL_FREE}
                 first = first or (cfg_file, shared)
