@@ -184,9 +184,9 @@ def _row(d: Path) -> dict[str, Any]:
         if cfg is None:
             raise trial_folder.Damaged(d / trial_folder.CONFIG, "missing (an empty or half-copied trial folder)")
         blank.update(variant=cfg.get("variant"), lr_schedule=cfg.get("lr_schedule"), seed=cfg.get("seed"))
-        status = trial_folder.state(d)
-        done = [h for h in trial_folder.read_history(d) if h["status"] == "ok"]  # a running trial: its epochs so far
         result = trial_folder.read_result(d)
+        status = result["status"] if result is not None else trial_folder.state(d)  # read result.json once
+        done = [h for h in trial_folder.read_history(d) if h["status"] == "ok"]  # a running trial: its epochs so far
     except trial_folder.Damaged as e:
         return {**blank, "status": "damaged", "note": str(e)}
     interpretation, failure = interpretation_state(d)
