@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vgg_xai import checkpoint
+from vgg_xai import atomic, checkpoint
 from vgg_xai.config import TrialConfig
 from vgg_xai.errors import DamagedCheckpoint, DiskFull, UserError
 from vgg_xai.train import run_trial
@@ -282,12 +282,12 @@ def test_full_disk_keeps_the_last_checkpoint(tiny_cache, small_disk, uninterrupt
 
 def test_full_disk_in_atomic_writes(small_disk):
     good = small_disk / "result.json"
-    checkpoint.atomic_write_text(good, "{}")
+    atomic.atomic_write_text(good, "{}")
     _fill(small_disk, 8192)
     where = re.escape(str(small_disk))
     with pytest.raises(DiskFull, match=rf"^no space left in {where}: result.json needs 1.0 MB, "):
-        checkpoint.atomic_write_text(good, "x" * 1_000_000)
+        atomic.atomic_write_text(good, "x" * 1_000_000)
     with pytest.raises(DiskFull, match=rf"^no space left in {where}: fig.png needs more than "):
-        checkpoint.atomic_write_bytes(small_disk / "fig.png", lambda tmp: tmp.write_bytes(b"x" * 1_000_000))
+        atomic.atomic_write_bytes(small_disk / "fig.png", lambda tmp: tmp.write_bytes(b"x" * 1_000_000))
     assert good.read_text() == "{}"
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "result.json"]

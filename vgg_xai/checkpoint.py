@@ -6,8 +6,8 @@ Each checkpoint has its sha256 beside it, as hex in ``<name>.sha256`` (compare i
 it replaces as ``<stem>.prev<suffix>`` (``checkpoint.prev.pt``) with its digest, for a trial to fall
 back to when the latest one is damaged.
 
-Every write here goes to a temporary file that is renamed over the target, so readers never see a
-half-written file; a full disk raises ``DiskFull`` and leaves the target as it was.
+Every write here goes through ``atomic``'s temporary file and rename, so readers never see a
+half-written checkpoint; a full disk raises ``DiskFull`` and leaves the target as it was.
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ import hashlib
 import io
 import os
 import re
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
-from .errors import DamagedCheckpoint, DiskFull
+from .atomic import disk_full_named, fsync_dir, tmp_path, write_durably
+from .errors import DamagedCheckpoint
 
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # torch.save writes a zip archive; its end-of-central-directory record closes the file.
 _ZIP_START, _ZIP_END, _ZIP_END_LEN = b"PK\x03\x04", b"PK\x05\x06", 22
 
@@ -43,67 +41,6 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-@contextmanager
-def _disk_full_named(path: Path, size: int | None, *tmps: Path) -> Iterator[None]:
-    """Turn a full disk while writing ``path`` into DiskFull; its temporary files are removed first,
-    so that the free space it reports is what a rerun will find."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno not in _NO_SPACE:
-            raise
-        written = sum(t.stat().st_size for t in tmps if t.exists())
-        for t in tmps:
-            t.unlink(missing_ok=True)
-        folder = path.parent
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        raise DiskFull(folder, path.name, size, written, shutil.disk_usage(existing).free,
-                       quota=e.errno == errno.EDQUOT) from e
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    # Plain writes, not torch.save to a path: a full disk then surfaces as OSError(ENOSPC) rather
-    # than as torch's "unexpected pos" RuntimeError; fsync before the rename so that a crash
-    # cannot leave the new name pointing at unwritten blocks.
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, write: Callable[[Path], object], size: int | None = None) -> None:
-    """Call write(tmp_path), then rename tmp over path: readers never see a half-written file.
-
-    ``size``, when known, is what a DiskFull message says the file needs.
-    """
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        with _disk_full_named(path, size, tmp):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(tmp)
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    data = text.encode()
-    atomic_write_bytes(path, lambda tmp: _write_durably(tmp, data), len(data))
-
-
 def save(obj: dict[str, Any], path: str | Path, keep_previous: bool = False) -> None:
     """Write ``obj`` to ``path`` with its digest beside it, atomically and durably.
 
@@ -117,12 +54,12 @@ def save(obj: dict[str, Any], path: str | Path, keep_previous: bool = False) -> 
     data = buf.getvalue()
     line = f"{hashlib.sha256(data).hexdigest()}\n".encode()
     side = digest_path(path)
-    tmp, tmp_side = _tmp_path(path), _tmp_path(side)
+    tmp, tmp_side = tmp_path(path), tmp_path(side)
     try:
-        with _disk_full_named(path, len(data) + len(line), tmp, tmp_side):
+        with disk_full_named(path, len(data) + len(line), tmp, tmp_side):
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_durably(tmp, data)
-            _write_durably(tmp_side, line)
+            write_durably(tmp, data)
+            write_durably(tmp_side, line)
         # The renames keep every checkpoint file beside its own digest or beside none, so that a
         # crash between two of them never makes a good file look damaged.
         if keep_previous and path.exists():
@@ -134,7 +71,7 @@ def save(obj: dict[str, Any], path: str | Path, keep_previous: bool = False) -> 
         side.unlink(missing_ok=True)
         os.replace(tmp, path)
         os.replace(tmp_side, side)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
         tmp_side.unlink(missing_ok=True)

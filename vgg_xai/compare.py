@@ -238,7 +238,7 @@ def render_compare(rows: list[dict[str, Any]], metric: str = "test_acc", fmt: st
 
 def write_compare(sweep_dir: str | Path, rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any]:
     """tables/compare.{csv,md,json} of a sweep folder, with the references its spec names; returns them."""
-    from .checkpoint import atomic_write_text
+    from .atomic import atomic_write_text
 
     ref = spec_reference(sweep_dir)
     c = compare(rows, metric, ref.get("variant"), ref.get("schedule")) if rows else None

@@ -21,7 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .checkpoint import atomic_write_bytes
+from .atomic import atomic_write_bytes
 
 SCHEMA = "vgg-xai/features/1"
 

@@ -248,7 +248,7 @@ COMMAND = "command.json"  # in the sweep folder: the command line that last ran 
 def record_command(sweep_dir: Path, argv: list[str]) -> None:
     """Keep the command that runs the sweep (``vgg-xai sweep ...`` or ``vgg-xai submit ...``, with its
     --data and --set flags) and the folder it ran in, for `status` to print the command that continues it."""
-    from .checkpoint import atomic_write_text
+    from .atomic import atomic_write_text
 
     atomic_write_text(Path(sweep_dir) / COMMAND, json.dumps({"argv": list(argv), "cwd": os.getcwd()}))
 

@@ -47,7 +47,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import UserError
 from .locks import locked
 from .results import FAITHFULNESS_KEYS, SANITY_KEYS, trial_status, write_tables

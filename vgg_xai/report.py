@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from . import trial_folder
-from .checkpoint import atomic_write_text
+from .atomic import atomic_write_text
 from .compare import compare, spec_reference
 from .postprocess import IMAGES_RULE
 from .results import DAGGER, best_cells, cell_text, collect_rows, fmt_value, ordered, pivot, read_interpretation

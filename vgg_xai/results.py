@@ -575,7 +575,7 @@ def write_tables(sweep_dir: str | Path, metric: str = "test_acc") -> dict[str, A
 
     The md file also holds a pivot of each interpretation metric that some trial has.
     """
-    from .checkpoint import atomic_write_text
+    from .atomic import atomic_write_text
 
     sweep_dir = Path(sweep_dir)
     rows = collect_rows(sweep_dir)

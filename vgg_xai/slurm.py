@@ -25,7 +25,7 @@ from typing import Any
 
 import submitit
 
-from .checkpoint import atomic_write_text
+from .atomic import atomic_write_text
 from .config import ClusterProfile, JobSpec, TrialConfig
 from . import runtime
 from .errors import UserError

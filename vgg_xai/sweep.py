@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from . import runtime
-from .checkpoint import atomic_write_text
+from .atomic import atomic_write_text
 from .config import JobSpec, TrialConfig
 from .errors import DiskFull, UserError
 from .trial_folder import CONFIG, FINISHED, finished

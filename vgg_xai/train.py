@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, features
+from .atomic import atomic_write_text
 from .config import TrialConfig
 from .data import DeviceSplit, load_splits, make_augment
 from .errors import DamagedCheckpoint, UserError
@@ -144,7 +145,7 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    checkpoint.atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _rng_state() -> dict[str, Any]:
@@ -378,7 +379,7 @@ def _run_trial(cfg: TrialConfig, out: Path, report: Report | None, resume: bool 
         source = Path(resume)
         saved = checkpoint.load(source)
         _check_resumable(saved["config"], cfg, source)
-    checkpoint.atomic_write_text(out / "config.json", cfg.to_json())  # not before a refused resume
+    atomic_write_text(out / "config.json", cfg.to_json())  # not before a refused resume
     start = saved["epoch"] + 1 if saved is not None else 0
     resumed = f" (resumed from {source.name})" if source is not None else ""
     log.start(f"start epoch {start + 1} of {cfg.epochs}{resumed}" if start < cfg.epochs
@@ -490,7 +491,7 @@ def _run_trial(cfg: TrialConfig, out: Path, report: Report | None, resume: bool 
         test_loss=test_loss, test_acc=test_acc, wall_s=earlier_s + attempt_s, attempt_s=attempt_s, attempts=attempts,
     )
     # Strict JSON: an undefined number (a diverged trial's test accuracy) is null, not a bare NaN.
-    checkpoint.atomic_write_text(out / "result.json", json.dumps(
+    atomic_write_text(out / "result.json", json.dumps(
         {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(result).items()},
         indent=2, allow_nan=False))
     best_text = f"best valid {result.best_valid_acc:.4f} at epoch {result.best_epoch}" if best else "no valid epoch"

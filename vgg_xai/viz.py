@@ -39,7 +39,7 @@ PNG_COMPRESS = 6   # zlib level of the PNGs (PIL's default)
 def save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically, then release the figure; returns the path."""
     # checkpoint imports torch, which drawing must not need: load it only when a file is written.
-    from vgg_xai.checkpoint import atomic_write_bytes
+    from vgg_xai.atomic import atomic_write_bytes
 
     path = Path(path)
     try:
