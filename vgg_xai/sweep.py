@@ -24,7 +24,7 @@ from . import runtime
 from .atomic import atomic_write_text
 from .config import JobSpec, TrialConfig
 from .errors import DiskFull, UserError
-from .trial_folder import CONFIG, FINISHED, finished
+from .trial_folder import CONFIG, ERROR, FINISHED, finished, write_config, write_error
 
 
 
@@ -162,7 +162,7 @@ def plan(spec: JobSpec, *, data: str | Path | None = None, force_new: bool = Fal
         atomic_write_text(saved, yaml.safe_dump(resolved, sort_keys=True))
         for tid, cfg in p.trials:  # every trial has a folder from the start: tables list the ones never run
             if not (p.trial_dir(tid) / CONFIG).is_file():
-                atomic_write_text(p.trial_dir(tid) / CONFIG, cfg.to_json())
+                write_config(p.trial_dir(tid), cfg.to_json())
     return p
 
 
@@ -218,7 +218,7 @@ def _trainable(config: dict[str, Any]) -> None:
     os.environ["VGG_XAI_NODE"], os.environ["VGG_XAI_RAY"] = runtime.node()
     out = Path(config["trial_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "error.txt").unlink(missing_ok=True)
+    (out / ERROR).unlink(missing_ok=True)
     cfg = TrialConfig.from_dict(config["config"])
     result = run_trial(cfg, out, report=lambda metrics, _ckpt: runtime.report(metrics), resume=True)
     runtime.report({"done_status": result.status, "test_acc": result.test_acc, "epoch": result.epochs_completed})
@@ -265,7 +265,7 @@ def run(p: Plan, *, address: str | None = None, stream=None) -> Outcome:
         if table.tty:
             print(file=stream)
         _record_errors(p, errors)
-    failed = [t for t, _ in p.trials if (p.trial_dir(t) / "error.txt").is_file()]
+    failed = [t for t, _ in p.trials if (p.trial_dir(t) / ERROR).is_file()]
     return Outcome(failed, [t for t, _ in p.pending() if t not in failed])
 
 
@@ -280,7 +280,7 @@ def _record_errors(p: Plan, errors: dict[str, BaseException]) -> None:
             full = full or err
             continue
         try:
-            atomic_write_text(p.trial_dir(tid) / "error.txt", runtime.error_text(err))
+            write_error(p.trial_dir(tid), runtime.error_text(err))
         except DiskFull as e:
             full = full or e
     if full is not None:

@@ -11,9 +11,6 @@ tensorboard package is installed).
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import math
 import os
 import socket
@@ -29,17 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, features
-from .atomic import atomic_write_text
+from . import checkpoint, features, trial_folder
 from .config import TrialConfig
 from .data import DeviceSplit, load_splits, make_augment
 from .errors import DamagedCheckpoint, UserError
 from .model import ConvNet, build_model
 from .progress import progress
+from .trial_folder import CHECKPOINT, HISTORY_COLUMNS
 
 Report = Callable[[dict[str, Any], Path], None]
-HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc",
-                   "seconds", "images_per_s", "status"]
 
 
 @dataclass
@@ -138,14 +133,6 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, split: Devic
         if on_step is not None:
             on_step()
     return loss_sum, correct
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def _rng_state() -> dict[str, Any]:
@@ -323,15 +310,14 @@ class Scalars:
         self.writer = None
 
 
-def _attempts_since_start(path: Path) -> int:
+def _attempts_since_start(out: Path, log: TrialLog) -> int:
     """The attempts that trained the weights this attempt ends with: from the last one that started at
     epoch 0 (a run from scratch in the same folder before it is another training) to this one."""
-    starts = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            starts.append(json.loads(line).get("start_epoch"))
-        except ValueError:
-            continue  # a line a killed attempt left half-written
+    try:
+        starts = [a.get("start_epoch") for a in trial_folder.read_attempts(out)]
+    except trial_folder.Damaged as e:  # the record of where it ran, not the training: say so and go on
+        log.warn(str(e))
+        return 1
     first = max((i for i, s in enumerate(starts) if s == 0), default=0)
     return max(1, len(starts) - first)
 
@@ -363,112 +349,164 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, report: Report | None = Non
         scalars.close()
 
 
+@dataclass
+class _Start:
+    """Where an attempt starts: the checkpoint it resumes from and what it holds (None: from scratch),
+    and the warning that it passed over a damaged one."""
+    source: Path | None = None
+    saved: dict[str, Any] | None = None
+    warning: str | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.saved["epoch"] + 1 if self.saved is not None else 0
+
+
+@dataclass
+class _Run:
+    """What an attempt trains with: the data, the model and its optimizer, the history so far."""
+    cfg: TrialConfig
+    device: torch.device
+    dtype: torch.dtype | None
+    channels_last: bool
+    splits: dict[str, DeviceSplit]
+    classes: list[str]
+    net: ConvNet
+    opt: torch.optim.Optimizer
+    history: list[dict[str, Any]]
+
+
 def _run_trial(cfg: TrialConfig, out: Path, report: Report | None, resume: bool | str | Path | None,
                log: TrialLog, scalars: Scalars, t_start: float) -> TrialResult:
     # The checkpoint first: where the attempt starts goes into the log before the slow steps.
-    ckpt_path = out / "checkpoint.pt"
-    source: Path | None = None
-    saved: dict[str, Any] | None = None
-    warning = None
+    start = _resume_point(cfg, out / CHECKPOINT, resume)
+    trial_folder.write_config(out, cfg.to_json())  # not before a refused resume
+    resumed = f" (resumed from {start.source.name})" if start.source is not None else ""
+    log.start(f"start epoch {start.epoch + 1} of {cfg.epochs}{resumed}" if start.epoch < cfg.epochs
+              else f"all {cfg.epochs} epochs trained earlier{resumed}")
+    if start.warning:
+        log.warn(start.warning)
+    run = _set_up(cfg, start, out)
+    earlier_s = sum(float(r["seconds"]) for r in run.history)  # earlier attempts' epochs count in wall_s
+    _record_attempt(out, start.epoch, run)
+    scalars.open(run.history)
+    status = _train_epochs(run, start.epoch, out, log, scalars, report)
+    return _finish(run, status, out, log, earlier_s, t_start)
+
+
+def _resume_point(cfg: TrialConfig, ckpt_path: Path, resume: bool | str | Path | None) -> _Start:
+    """The checkpoint this attempt continues from, per ``resume`` (see run_trial)."""
     if resume is True:
-        source, saved, warning = _last_good(ckpt_path, cfg)
-        if source is not None and source != ckpt_path:
+        start = _Start(*_last_good(ckpt_path, cfg))
+        if start.source is not None and start.source != ckpt_path:
             # A damaged latest checkpoint must not be kept as the previous one by the next save.
             checkpoint.discard(ckpt_path)
-    elif resume and Path(resume).is_file():
-        source = Path(resume)
-        saved = checkpoint.load(source)
-        _check_resumable(saved["config"], cfg, source)
-    atomic_write_text(out / "config.json", cfg.to_json())  # not before a refused resume
-    start = saved["epoch"] + 1 if saved is not None else 0
-    resumed = f" (resumed from {source.name})" if source is not None else ""
-    log.start(f"start epoch {start + 1} of {cfg.epochs}{resumed}" if start < cfg.epochs
-              else f"all {cfg.epochs} epochs trained earlier{resumed}")
-    if warning:
-        log.warn(warning)
+        return start
+    if resume and Path(resume).is_file():
+        saved = checkpoint.load(Path(resume))
+        _check_resumable(saved["config"], cfg, Path(resume))
+        return _Start(Path(resume), saved)
+    return _Start()
 
+
+def _set_up(cfg: TrialConfig, start: _Start, out: Path) -> _Run:
+    """Load the data, build the model and its optimizer, and restore them from ``start``'s checkpoint;
+    from scratch, clear an earlier run's checkpoints and keep the initial weights."""
     device = resolve_device(cfg.device)
     dtype, channels_last = resolve_precision(cfg.precision, device)
     splits, prep = load_splits(cfg.data, device, train_size=cfg.train_size, valid_size=cfg.valid_size,
                                test_size=cfg.test_size, subset_seed=cfg.subset_seed)
-
     torch.manual_seed(cfg.seed)
     net = build_model(cfg).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr_at(0), weight_decay=cfg.l2_coef if cfg.l2 else 0.0)
-
-    history: list[dict[str, Any]] = []
-    if saved is not None:
+    run = _Run(cfg, device, dtype, channels_last, splits, prep.classes, net, opt, [])
+    ckpt_path = out / CHECKPOINT
+    if start.saved is not None:
+        saved = start.saved
         net.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        history = saved["history"]
+        run.history = saved["history"]
         torch.set_rng_state(saved["rng"]["torch"])
         if "cuda" in saved["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        _write_history(out / "history.csv", history)  # as resumed: a fallback drops the epochs it repeats
+        trial_folder.write_history(out, run.history)  # as resumed: a fallback drops the epochs it repeats
     else:
         # Checkpoints of an earlier run in this folder are no state to fall back to.
         checkpoint.discard(ckpt_path)
         checkpoint.discard(checkpoint.previous_path(ckpt_path))
         checkpoint.save({"model": net.state_dict(), "config": cfg.to_dict(), "epoch": -1}, out / "checkpoint_init.pt")
-    # The epochs earlier attempts trained, as resumed: their time counts in the trial's wall_s.
-    earlier_s = sum(float(r["seconds"]) for r in history)
-    with open(out / "attempts.jsonl", "a") as f:  # who ran this trial, from which epoch
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start_epoch": start,
-                            "time": time.time(), "node": os.environ.get("VGG_XAI_NODE", socket.gethostname()), "ray": os.environ.get("VGG_XAI_RAY"),
-                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                            "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
-                            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
-                            # what "auto" resolved to where this attempt ran (the report's provenance)
-                            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
-                            else None, "autocast": str(dtype).removeprefix("torch.") if dtype else "fp32"}) + "\n")
+    return run
 
-    scalars.open(history)
-    if cfg.compile and device.type != "cuda":
-        log.warn(f"compile: torch.compile is used on CUDA only; ignored on {device.type}")
-    model = torch.compile(net) if cfg.compile and device.type == "cuda" else net
-    augment = make_augment().to(device) if cfg.augment else None
-    train = splits["train"]
-    status = "completed"
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        lr = cfg.lr_at(epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-        torch.manual_seed(epoch_seed(cfg.seed, epoch) + 1)  # augmentation and dropout
-        n_batches = math.ceil(len(train) / cfg.batch_size)
-        with progress(total=n_batches, desc=f"{cfg.trial_id} {epoch + 1}/{cfg.epochs}") as bar:
-            loss_sum, correct = train_epoch(model, opt, train, cfg.batch_size, generator=gen, augment=augment,
-                                            dtype=dtype, channels_last=channels_last, on_step=bar.update)
-        train_s = time.perf_counter() - t0
-        train_loss = loss_sum.item() / len(train)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
-                               "train_acc": correct.item() / len(train)}
-        if not math.isfinite(train_loss):
-            row.update(valid_loss=float("nan"), valid_acc=float("nan"), seconds=time.perf_counter() - t0,
-                       images_per_s=len(train) / train_s, status="diverged")
-            history.append(row)
+
+def _record_attempt(out: Path, start_epoch: int, run: _Run) -> None:
+    """Who runs this attempt, where and from which epoch, with what "auto" resolved to there (the
+    report's provenance): one line of attempts.jsonl."""
+    env = os.environ.get
+    trial_folder.append_attempt(out, {
+        "pid": os.getpid(), "host": socket.gethostname(), "start_epoch": start_epoch, "time": time.time(),
+        "node": env("VGG_XAI_NODE", socket.gethostname()), "ray": env("VGG_XAI_RAY"),
+        "cuda_visible_devices": env("CUDA_VISIBLE_DEVICES"), "slurm_job_id": env("SLURM_JOB_ID"),
+        "slurm_array_job_id": env("SLURM_ARRAY_JOB_ID"), "slurm_array_task_id": env("SLURM_ARRAY_TASK_ID"),
+        "device": str(run.device), "gpu": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None,
+        "autocast": str(run.dtype).removeprefix("torch.") if run.dtype else "fp32"})
+
+
+def _train_epochs(run: _Run, start_epoch: int, out: Path, log: TrialLog, scalars: Scalars,
+                  report: Report | None) -> str:
+    """Train from ``start_epoch`` to the last epoch, a checkpoint and a history row after each;
+    returns the trial's status: completed, or diverged at the first epoch whose loss is not finite."""
+    cfg = run.cfg
+    if cfg.compile and run.device.type != "cuda":
+        log.warn(f"compile: torch.compile is used on CUDA only; ignored on {run.device.type}")
+    model = torch.compile(run.net) if cfg.compile and run.device.type == "cuda" else run.net
+    augment = make_augment().to(run.device) if cfg.augment else None
+    for epoch in range(start_epoch, cfg.epochs):
+        row = _epoch(run, model, epoch, augment)
+        run.history.append(row)
+        if row["status"] == "diverged":
             log.write(format_epoch(row) + "  diverged (loss not finite)")
             scalars.add(row)
-            status = "diverged"
-            break  # the last good checkpoint stays as it is
-        valid_loss, valid_acc, _, _ = evaluate(net, splits["valid"], cfg.batch_size, dtype, channels_last)
-        row.update(valid_loss=valid_loss, valid_acc=valid_acc, seconds=time.perf_counter() - t0,
-                   images_per_s=len(train) / train_s, status="ok")
-        history.append(row)
-        checkpoint.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                         "rng": _rng_state(), "config": cfg.to_dict(), "history": history}, ckpt_path,
+            return "diverged"  # the last good checkpoint stays as it is
+        checkpoint.save({"model": run.net.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch,
+                         "rng": _rng_state(), "config": cfg.to_dict(), "history": run.history}, out / CHECKPOINT,
                         keep_previous=True)
-        _write_history(out / "history.csv", history)
+        trial_folder.write_history(out, run.history)
         log.write(format_epoch(row))
         scalars.add(row)
         if report is not None:
-            report(dict(row), ckpt_path)
+            report(dict(row), out / CHECKPOINT)
+    return "completed"
 
-    _write_history(out / "history.csv", history)
+
+def _epoch(run: _Run, model: torch.nn.Module, epoch: int, augment: torch.nn.Module | None) -> dict[str, Any]:
+    """One epoch of training, then validation: its history row (status ok, or diverged, unvalidated)."""
+    cfg, train = run.cfg, run.splits["train"]
+    t0 = time.perf_counter()
+    lr = cfg.lr_at(epoch)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+    torch.manual_seed(epoch_seed(cfg.seed, epoch) + 1)  # augmentation and dropout
+    with progress(total=math.ceil(len(train) / cfg.batch_size), desc=f"{cfg.trial_id} {epoch + 1}/{cfg.epochs}") as bar:
+        loss_sum, correct = train_epoch(model, run.opt, train, cfg.batch_size, generator=gen, augment=augment,
+                                        dtype=run.dtype, channels_last=run.channels_last, on_step=bar.update)
+    train_s = time.perf_counter() - t0
+    row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / len(train),
+                           "train_acc": correct.item() / len(train)}
+    if not math.isfinite(row["train_loss"]):
+        return {**row, "valid_loss": float("nan"), "valid_acc": float("nan"), "seconds": time.perf_counter() - t0,
+                "images_per_s": len(train) / train_s, "status": "diverged"}
+    valid_loss, valid_acc, _, _ = evaluate(run.net, run.splits["valid"], cfg.batch_size, run.dtype, run.channels_last)
+    return {**row, "valid_loss": valid_loss, "valid_acc": valid_acc, "seconds": time.perf_counter() - t0,
+            "images_per_s": len(train) / train_s, "status": "ok"}
+
+
+def _finish(run: _Run, status: str, out: Path, log: TrialLog, earlier_s: float, t_start: float) -> TrialResult:
+    """Test a completed trial and dump its test-set features; write history.csv and result.json."""
+    cfg, history = run.cfg, run.history
+    trial_folder.write_history(out, history)
     ok = [r for r in history if r["status"] == "ok"]
     best = max(ok, key=lambda r: r["valid_acc"]) if ok else None
     test_loss = test_acc = float("nan")
@@ -476,24 +514,21 @@ def _run_trial(cfg: TrialConfig, out: Path, report: Report | None, resume: bool 
         # The test set in fp32, whatever the training precision: the interpretation suite computes
         # its CAMs and scores in fp32, so the dump, the test accuracy and the report describe one
         # computation (under bf16 autocast about 1% of the predictions differ).
-        test_loss, test_acc, f, logits = evaluate(net, splits["test"], cfg.batch_size, None, False)
+        test_loss, test_acc, f, logits = evaluate(run.net, run.splits["test"], cfg.batch_size, None, False)
         features.write(out / "features.h5", features.FeatureDump(
-            features=f, logits=logits, labels=splits["test"].labels.cpu().numpy(),
+            features=f, logits=logits, labels=run.splits["test"].labels.cpu().numpy(),
             predictions=logits.argmax(1), history={k: np.asarray([r[k] for r in history]) for k in HISTORY_COLUMNS},
-            config=cfg.to_dict(), classes=prep.classes, versions=versions(), git_commit=_git_commit(),
+            config=cfg.to_dict(), classes=run.classes, versions=versions(), git_commit=_git_commit(),
             precision="fp32",
         ))
     attempt_s = time.perf_counter() - t_start
-    attempts = _attempts_since_start(out / "attempts.jsonl")
+    attempts = _attempts_since_start(out, log)
     result = TrialResult(
         trial_id=cfg.trial_id, status=status, epochs_completed=len(ok),
         best_valid_acc=best["valid_acc"] if best else float("nan"), best_epoch=best["epoch"] if best else 0,
         test_loss=test_loss, test_acc=test_acc, wall_s=earlier_s + attempt_s, attempt_s=attempt_s, attempts=attempts,
     )
-    # Strict JSON: an undefined number (a diverged trial's test accuracy) is null, not a bare NaN.
-    atomic_write_text(out / "result.json", json.dumps(
-        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(result).items()},
-        indent=2, allow_nan=False))
+    trial_folder.write_result(out, asdict(result))
     best_text = f"best valid {result.best_valid_acc:.4f} at epoch {result.best_epoch}" if best else "no valid epoch"
     test_text = f"test {result.test_acc:.4f}" if status == "completed" else "no test accuracy"
     took = f"{result.wall_s:.1f} s" + (f" over {attempts} attempts, {attempt_s:.1f} s this one" if attempts > 1 else "")

@@ -2,11 +2,12 @@
 
     config.json     the trial's settings (TrialConfig)
     result.json     written once the trial has finished: status (completed | diverged) and its numbers
-    history.csv     one row per epoch (train.HISTORY_COLUMNS)
+    history.csv     one row per epoch (HISTORY_COLUMNS)
     attempts.jsonl  one JSON object per attempt to train it: host, pid, start epoch, time, Ray, SLURM
     error.txt       the last attempt's error, where every attempt failed
 
-Every reader has one policy for a damaged file (cut short by a full disk or a killed copy, garbage
+Each file has one writer here too (atomic: a temporary file, then a rename; attempts.jsonl is appended
+a line at a time). Every reader has one policy for a damaged file (cut short by a full disk or a killed copy, garbage
 bytes, a record of the wrong shape or with values of the wrong type): it raises `Damaged`, whose one
 line names the file, what is wrong with it and what to do. A table or a status view shows that trial
 as `damaged` with that line and reads every other trial. A missing file is not damage: it is None
@@ -16,15 +17,20 @@ as `damaged` with that line and reads every other trial. A missing file is not d
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
+
 CONFIG, RESULT, HISTORY, ATTEMPTS, ERROR = "config.json", "result.json", "history.csv", "attempts.jsonl", "error.txt"
+CHECKPOINT = "checkpoint.pt"  # the latest epoch's (checkpoint.py writes and reads checkpoints)
 FINISHED = ("completed", "diverged")
-# The numeric columns of history.csv (train.HISTORY_COLUMNS less status).
+# The numeric columns of history.csv; the last column, status, is ok or diverged.
 HISTORY_NUMBERS = ("epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds", "images_per_s")
+HISTORY_COLUMNS = [*HISTORY_NUMBERS, "status"]
 # What to do about each file when it is damaged.
 FIX = {
     CONFIG: "run the sweep command again to write it anew",
@@ -155,7 +161,7 @@ def state(trial_dir: Path) -> str:
         return result["status"]
     if (trial_dir / ERROR).is_file():
         return "failed"
-    return "running" if (trial_dir / "checkpoint.pt").is_file() else "pending"
+    return "running" if (trial_dir / CHECKPOINT).is_file() else "pending"
 
 
 def finished(trial_dir: Path) -> bool:
@@ -164,3 +170,34 @@ def finished(trial_dir: Path) -> bool:
         return read_result(trial_dir) is not None
     except Damaged:
         return False
+
+
+def write_config(trial_dir: Path, config_json: str) -> None:
+    """config.json: the trial's settings as TrialConfig.to_json() gives them."""
+    atomic_write_text(Path(trial_dir) / CONFIG, config_json)
+
+
+def write_result(trial_dir: Path, result: dict[str, Any]) -> None:
+    """result.json, strict JSON: an undefined number (a diverged trial's test accuracy) is null, not NaN."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
+    atomic_write_text(Path(trial_dir) / RESULT, json.dumps(clean, indent=2, allow_nan=False))
+
+
+def write_history(trial_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """history.csv, every row so far (HISTORY_COLUMNS)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(Path(trial_dir) / HISTORY, buf.getvalue())
+
+
+def append_attempt(trial_dir: Path, record: dict[str, Any]) -> None:
+    """One line of attempts.jsonl: who runs this attempt, where, from which epoch."""
+    with open(Path(trial_dir) / ATTEMPTS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_error(trial_dir: Path, text: str) -> None:
+    """error.txt: the last attempt's error, where every attempt failed."""
+    atomic_write_text(Path(trial_dir) / ERROR, text)
