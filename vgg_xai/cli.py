@@ -397,7 +397,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     verify_cache(cfg.data)  # a damaged cache or one of other classes is one line, as in a sweep, before any work
     result = run_trial(cfg, args.out, report=_print_epoch, resume=args.resume)
     print(json.dumps(result.__dict__, indent=2))
-    return 0 if result.status == "completed" else 1
+    from .trial_folder import TESTED
+
+    return 0 if result.status in TESTED else 1  # a collapsed trial is tested too: its result is at chance
 
 
 def _print_epoch(m: dict, _ckpt: Path) -> None:

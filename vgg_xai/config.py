@@ -96,6 +96,7 @@ class TrialConfig:
     l2_coef: float = 5e-4  # L2 penalty coefficient (coupled weight decay in Adam)
     dropout_p: float = 0.2  # dropout after each max-pool when the dropout switch is on
     epochs: int = 15
+    stop_dead: bool = True  # stop a trial whose network has collapsed for good (see collapse.py)
     batch_size: int = 128
     seed: int = 0  # model init, shuffling, augmentation, dropout
     train_size: int | None = None  # class-balanced subsets for smoke runs; None = all
@@ -257,7 +258,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 SECTIONS = {
     "model": ("arch", "width", "head", "init", "dropout_p"),
     "grid": tuple(f.name for f in fields(TrialConfig) if f.name != "data"),
-    "training": ("epochs", "batch_size", "precision", "compile", "device", "l2_coef", "alternate_period"),
+    "training": ("epochs", "stop_dead", "batch_size", "precision", "compile", "device", "l2_coef",
+                 "alternate_period"),
 }
 DATA_KEYS = ("source", "cache", "split_seed", "train_size", "valid_size", "test_size", "subset_seed")
 RESOURCE_KEYS = ("cpu", "gpu")

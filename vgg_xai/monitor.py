@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .locks import driver_of, pid_alive
-from .trial_folder import ERROR, FINISHED, Damaged, read_attempts, read_config, read_history, read_result
+from .trial_folder import ERROR, FINISHED, TESTED, Damaged, read_attempts, read_config, read_history, read_result
 COLUMNS = ("trial", "status", "epoch", "train_acc", "valid_acc", "img/s", "eta", "where")
 
 
@@ -217,8 +217,10 @@ def _trial_row(trial_dir: Path, driver_alive: bool, jobs_active: bool) -> dict[s
     if done is not None:
         r["status"] = done["status"]
         r["t"] = (trial_dir / "result.json").stat().st_mtime
-        if r["status"] == "completed" and done.get("test_acc") is not None:
+        if r["status"] in TESTED and done.get("test_acc") is not None:
             r["note"] = f"test {done['test_acc']:.3f}"
+        if done.get("collapsed"):
+            r["note"] += f"; stopped after epoch {done['epochs_completed']}: cannot learn again"
         return r
     if (trial_dir / ERROR).is_file():
         r.update(status="failed", note=trial_note(trial_dir, "failed"), t=(trial_dir / ERROR).stat().st_mtime)

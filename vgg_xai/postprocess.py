@@ -51,6 +51,7 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import UserError
 from .locks import locked
 from .results import FAITHFULNESS_KEYS, SANITY_KEYS, trial_status, write_tables
+from .trial_folder import TESTED
 
 SCHEMA = "vgg-xai/interpret/2"  # 2: faithfulness paired with the random map; the ABS randomization statistic
 
@@ -557,7 +558,7 @@ def postprocess(sweep_dir: str | Path, settings: Settings = Settings(), workers:
         raise UserError(f"{sweep_dir}: not a sweep folder (no trials/); pass results/<sweep>")
     summary = Summary(pivot={})
     if not tables_only:
-        dirs = sorted(d for d in (sweep_dir / "trials").iterdir() if trial_status(d) == "completed")
+        dirs = sorted(d for d in (sweep_dir / "trials").iterdir() if trial_status(d) in TESTED)
         todo = [d for d in dirs if force or not up_to_date(d, settings)]
         summary.skipped = [d.name for d in dirs if d not in todo]
         cpus = available_cpus()
@@ -657,7 +658,7 @@ def grid_panels(sweep_dir: Path, figure: str, arrays: dict[str, dict] | None = N
         tid = r["trial_id"]
         if tid not in done:
             why = interpretation_state(sweep_dir / "trials" / tid)[1]
-            out[tid] = why or ("not interpreted" if r["status"] == "completed" else f"{r['status']}: no result")
+            out[tid] = why or ("not interpreted" if r["status"] in TESTED else f"{r['status']}: no result")
             continue
         skipped = (read_interpretation(sweep_dir / "trials" / tid) or {}).get("skipped", {})
         reasons = [v if k == analyses[0] else f"{k}: {v}" for k, v in skipped.items() if k in analyses or k == figure]

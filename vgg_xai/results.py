@@ -23,6 +23,7 @@ import numpy as np
 from .config import SCHEDULES, VARIANTS
 from .errors import UserError, format_size
 from . import trial_folder
+from .trial_folder import TESTED
 from .stats import ALPHA, mean_interval
 
 # The summary values of faithfulness and of the randomization check in a trial's interpret/metrics.json
@@ -208,6 +209,9 @@ def _row(d: Path) -> dict[str, Any]:
         num = lambda k: math.nan if result.get(k) is None else result[k]  # noqa: E731 - null: undefined (diverged)
         row.update(epochs=result["epochs_completed"], best_valid_acc=num("best_valid_acc"),
                    best_epoch=result["best_epoch"], test_acc=num("test_acc"), wall_s=num("wall_s"))
+        if status == "collapsed":  # degenerate by its training alone, whatever the interpretation says
+            row.update(degenerate=True, note=f"collapsed: stopped after epoch {result['epochs_completed']}, "
+                                             f"{result.get('collapsed') or 'cannot learn again'}" + (f"; {why}" if why else ""))
     return row
 
 
@@ -305,11 +309,11 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
     for v in variants:
         for s in schedules:
             group = [r for r in rows if r["variant"] == v and r["lr_schedule"] == s]
-            counted = [r for r in group if r["status"] == "completed" and _number(r.get(metric)) is not None]
+            counted = [r for r in group if r["status"] in TESTED and _number(r.get(metric)) is not None]
             vals = [_number(r[metric]) for r in counted]
             degenerate = [r["trial_id"] for r in counted if r.get("degenerate") is True]
             # a degenerate trial whose analysis was skipped (no ARI for collapsed features) is why the cell is empty
-            unvalued = [r["trial_id"] for r in group if r["status"] == "completed" and r.get("degenerate") is True
+            unvalued = [r["trial_id"] for r in group if r["status"] in TESTED and r.get("degenerate") is True
                         and not counted]
             why.update({r["trial_id"]: _reasons(r) for r in group if r["trial_id"] in degenerate + unvalued})
             failed = [r["trial_id"] for r in group

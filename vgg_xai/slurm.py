@@ -28,6 +28,7 @@ import submitit
 from .atomic import atomic_write_text
 from .config import ClusterProfile, JobSpec, TrialConfig
 from . import runtime
+from .trial_folder import TESTED
 from .errors import UserError
 from .locks import driving
 
@@ -245,7 +246,7 @@ class PostprocessJob:
         from .results import collect_rows
 
         rows = collect_rows(self.sweep_dir)
-        if not any(r["status"] == "completed" for r in rows):
+        if not any(r["status"] in TESTED for r in rows):
             counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in sorted({r["status"] for r in rows}))
             raise RuntimeError(f"nothing to post-process in {self.sweep_dir}: no trial completed ({counts or 'no trials'})"
                                f"; see `vgg-xai status {self.sweep_dir}`")

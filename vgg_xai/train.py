@@ -11,6 +11,7 @@ tensorboard package is installed).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import socket
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, features, trial_folder
+from . import checkpoint, collapse, features, trial_folder
 from .config import TrialConfig
 from .data import DeviceSplit, load_splits, make_augment
 from .errors import DamagedCheckpoint, UserError
@@ -40,7 +41,7 @@ Report = Callable[[dict[str, Any], Path], None]
 @dataclass
 class TrialResult:
     trial_id: str
-    status: str  # completed | diverged
+    status: str  # completed | diverged | collapsed
     epochs_completed: int
     best_valid_acc: float
     best_epoch: int
@@ -49,6 +50,7 @@ class TrialResult:
     wall_s: float  # over every attempt: this attempt's time and the epochs earlier attempts trained
     attempt_s: float | None = None  # this (the last) attempt's time, start to end
     attempts: int = 1  # attempts that ran the trial, this one included (attempts.jsonl)
+    collapsed: str | None = None  # why it stopped early, where its network collapsed for good
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,8 +166,9 @@ def versions() -> dict[str, str]:
 
 def _check_resumable(saved: dict[str, Any], cfg: TrialConfig, path: Path) -> None:
     """A checkpoint continues only the trial it came from (the epoch count may grow)."""
-    now = cfg.to_dict()
-    diff = sorted(k for k in now if k != "epochs" and saved.get(k) != now[k])
+    now, default = cfg.to_dict(), {f.name: f.default for f in dataclasses.fields(TrialConfig)}
+    # A setting newer than the checkpoint has its default there; the epoch count and stopping may change.
+    diff = sorted(k for k in now if k not in ("epochs", "stop_dead") and saved.get(k, default[k]) != now[k])
     if diff:
         raise UserError(f"{path}: checkpoint is of another trial configuration (differs in "
                         f"{', '.join(diff)}); use another out dir or start without resume")
@@ -390,8 +393,8 @@ def _run_trial(cfg: TrialConfig, out: Path, report: Report | None, resume: bool 
     earlier_s = sum(float(r["seconds"]) for r in run.history)  # earlier attempts' epochs count in wall_s
     _record_attempt(out, start.epoch, run)
     scalars.open(run.history)
-    status = _train_epochs(run, start.epoch, out, log, scalars, report)
-    return _finish(run, status, out, log, earlier_s, t_start)
+    status, why = _train_epochs(run, start.epoch, out, log, scalars, report)
+    return _finish(run, status, why, out, log, earlier_s, t_start)
 
 
 def _resume_point(cfg: TrialConfig, ckpt_path: Path, resume: bool | str | Path | None) -> _Start:
@@ -454,10 +457,14 @@ def _record_attempt(out: Path, start_epoch: int, run: _Run) -> None:
 
 
 def _train_epochs(run: _Run, start_epoch: int, out: Path, log: TrialLog, scalars: Scalars,
-                  report: Report | None) -> str:
-    """Train from ``start_epoch`` to the last epoch, a checkpoint and a history row after each;
-    returns the trial's status: completed, or diverged at the first epoch whose loss is not finite."""
+                  report: Report | None) -> tuple[str, str | None]:
+    """Train from ``start_epoch`` to the last epoch, a checkpoint and a history row after each; returns
+    the trial's status and why it stopped early: completed, diverged at the first epoch whose loss is not
+    finite, or (with stop_dead) collapsed at the first epoch after which its network cannot learn again."""
     cfg = run.cfg
+    probe = collapse.probe_batch(run.splits["train"]) if cfg.stop_dead else None
+    if probe is not None and 0 < start_epoch < cfg.epochs and (why := collapse.collapsed(run.net, *probe)):
+        return "collapsed", why  # stopped so before, continued now to more epochs: still collapsed
     if cfg.compile and run.device.type != "cuda":
         log.warn(f"compile: torch.compile is used on CUDA only; ignored on {run.device.type}")
     model = torch.compile(run.net) if cfg.compile and run.device.type == "cuda" else run.net
@@ -468,7 +475,7 @@ def _train_epochs(run: _Run, start_epoch: int, out: Path, log: TrialLog, scalars
         if row["status"] == "diverged":
             log.write(format_epoch(row) + "  diverged (loss not finite)")
             scalars.add(row)
-            return "diverged"  # the last good checkpoint stays as it is
+            return "diverged", None  # the last good checkpoint stays as it is
         checkpoint.save({"model": run.net.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch,
                          "rng": _rng_state(), "config": cfg.to_dict(), "history": run.history}, out / CHECKPOINT,
                         keep_previous=True)
@@ -477,7 +484,10 @@ def _train_epochs(run: _Run, start_epoch: int, out: Path, log: TrialLog, scalars
         scalars.add(row)
         if report is not None:
             report(dict(row), out / CHECKPOINT)
-    return "completed"
+        if probe is not None and epoch + 1 < cfg.epochs and (why := collapse.collapsed(run.net, *probe)):
+            log.write(f"collapsed after epoch {epoch + 1} of {cfg.epochs}: {why}; stopped (training.stop_dead)")
+            return "collapsed", why
+    return "completed", None
 
 
 def _epoch(run: _Run, model: torch.nn.Module, epoch: int, augment: torch.nn.Module | None) -> dict[str, Any]:
@@ -503,14 +513,15 @@ def _epoch(run: _Run, model: torch.nn.Module, epoch: int, augment: torch.nn.Modu
             "images_per_s": len(train) / train_s, "status": "ok"}
 
 
-def _finish(run: _Run, status: str, out: Path, log: TrialLog, earlier_s: float, t_start: float) -> TrialResult:
-    """Test a completed trial and dump its test-set features; write history.csv and result.json."""
+def _finish(run: _Run, status: str, why: str | None, out: Path, log: TrialLog, earlier_s: float,
+            t_start: float) -> TrialResult:
+    """Test a completed or collapsed trial and dump its test-set features; write history.csv and result.json."""
     cfg, history = run.cfg, run.history
     trial_folder.write_history(out, history)
     ok = [r for r in history if r["status"] == "ok"]
     best = max(ok, key=lambda r: r["valid_acc"]) if ok else None
     test_loss = test_acc = float("nan")
-    if status == "completed":
+    if status in trial_folder.TESTED:
         # The test set in fp32, whatever the training precision: the interpretation suite computes
         # its CAMs and scores in fp32, so the dump, the test accuracy and the report describe one
         # computation (under bf16 autocast about 1% of the predictions differ).
@@ -527,10 +538,11 @@ def _finish(run: _Run, status: str, out: Path, log: TrialLog, earlier_s: float, 
         trial_id=cfg.trial_id, status=status, epochs_completed=len(ok),
         best_valid_acc=best["valid_acc"] if best else float("nan"), best_epoch=best["epoch"] if best else 0,
         test_loss=test_loss, test_acc=test_acc, wall_s=earlier_s + attempt_s, attempt_s=attempt_s, attempts=attempts,
+        collapsed=why,
     )
     trial_folder.write_result(out, asdict(result))
     best_text = f"best valid {result.best_valid_acc:.4f} at epoch {result.best_epoch}" if best else "no valid epoch"
-    test_text = f"test {result.test_acc:.4f}" if status == "completed" else "no test accuracy"
+    test_text = f"test {result.test_acc:.4f}" if status in trial_folder.TESTED else "no test accuracy"
     took = f"{result.wall_s:.1f} s" + (f" over {attempts} attempts, {attempt_s:.1f} s this one" if attempts > 1 else "")
     log.write(f"result: {status}, {result.epochs_completed} of {cfg.epochs} epochs good; {best_text}; {test_text}; "
               f"{took}")

@@ -1,7 +1,7 @@
 """The small files of a trial folder: their names, one reader each, and a trial's state.
 
     config.json     the trial's settings (TrialConfig)
-    result.json     written once the trial has finished: status (completed | diverged) and its numbers
+    result.json     written once the trial has finished: status (completed | diverged | collapsed), its numbers
     history.csv     one row per epoch (HISTORY_COLUMNS)
     attempts.jsonl  one JSON object per attempt to train it: host, pid, start epoch, time, Ray, SLURM
     error.txt       the last attempt's error, where every attempt failed
@@ -27,7 +27,10 @@ from .atomic import atomic_write_text
 
 CONFIG, RESULT, HISTORY, ATTEMPTS, ERROR = "config.json", "result.json", "history.csv", "attempts.jsonl", "error.txt"
 CHECKPOINT = "checkpoint.pt"  # the latest epoch's (checkpoint.py writes and reads checkpoints)
-FINISHED = ("completed", "diverged")
+FINISHED = ("completed", "diverged", "collapsed")
+# Finished trials that were tested on the test set: a collapsed trial stopped early but is tested like
+# every trial (at chance), and flagged degenerate wherever it is shown.
+TESTED = ("completed", "collapsed")
 # The numeric columns of history.csv; the last column, status, is ok or diverged.
 HISTORY_NUMBERS = ("epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "seconds", "images_per_s")
 HISTORY_COLUMNS = [*HISTORY_NUMBERS, "status"]
@@ -101,6 +104,8 @@ def read_result(trial_dir: Path) -> dict[str, Any] | None:
     for key in ("epochs_completed", "best_valid_acc", "best_epoch", "test_loss", "test_acc", "wall_s"):
         if not _number(d.get(key)):
             raise Damaged(path, f"{key} is {d[key]!r}, not a number")
+    if not isinstance(d.get("collapsed"), (str, type(None))):
+        raise Damaged(path, f"collapsed is {d['collapsed']!r}, not a reason (a string)")
     return d
 
 
@@ -154,7 +159,7 @@ def read_attempts(trial_dir: Path) -> list[dict[str, Any]]:
 
 
 def state(trial_dir: Path) -> str:
-    """completed | diverged (result.json), failed (error.txt), running (a checkpoint: started) or pending;
+    """completed | diverged | collapsed (result.json), failed (error.txt), running (a checkpoint: started) or pending;
     raises Damaged where result.json does not read."""
     result = read_result(trial_dir)
     if result is not None:
