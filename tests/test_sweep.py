@@ -241,12 +241,14 @@ def test_a_trial_that_fails_for_good_is_recorded_and_the_sweep_goes_on(tmp_path,
 
 
 def test_changed_spec_is_refused_and_force_new_keeps_the_old(tmp_path, tiny_cache):
+    """A change that alters every trial (here the model's width) would keep nothing: refused."""
     from vgg_xai import sweep
 
     spec = JobSpec.from_yaml(_spec(tmp_path, tiny_cache))
     sweep.plan(spec)
-    changed = JobSpec.from_yaml(_spec(tmp_path, tiny_cache, training={"epochs": 3}))
-    with pytest.raises(UserError, match=r"spec changed .*fixed.epochs: 2 -> 3.*--force-new"):
+    changed = JobSpec.from_yaml(_spec(tmp_path, tiny_cache, model={"width": 0.25}))
+    with pytest.raises(UserError, match=r"spec changed .*every trial's settings changed \(width: 0.125 -> 0.25\): "
+                                        r"nothing would be kept.*--force-new"):
         sweep.plan(changed)
     sweep.plan(changed, force_new=True)
     olds = list((tmp_path / "results").glob("t.old-*"))
@@ -334,11 +336,12 @@ def test_dry_run_of_the_seed_study_plans_on_any_machine(tmp_path):
 def test_dry_run_says_when_the_real_run_would_be_refused(tmp_path, tiny_cache):
     one = {"grid": {"variant": ["bn"], "lr_schedule": ["const_1e-3"]}, "training": {"epochs": 1}}
     assert _cli("sweep", str(_spec(tmp_path, tiny_cache, **one))).returncode == 0
-    changed = _spec(tmp_path, tiny_cache, **{**one, "training": {"epochs": 2}})
+    changed = _spec(tmp_path, tiny_cache, **{**one, "model": {"width": 0.25}})
     r = _cli("sweep", str(changed), "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "[finished under the earlier spec]" in r.stdout and "[finished]" not in r.stdout
-    assert "a real run would be refused: the spec changed since this sweep started (fixed.epochs: 1 -> 2)" in r.stderr
+    assert "[to run]" in r.stdout and "[finished]" not in r.stdout
+    assert ("a real run would be refused: the spec changed since this sweep started (every trial's settings "
+            "changed (width: 0.125 -> 0.25): nothing would be kept)") in r.stderr
     r = _cli("sweep", str(changed))
     assert r.returncode == 2 and "the spec changed" in r.stderr
 

@@ -271,12 +271,13 @@ ID_AXES = ("variant", "lr_schedule", "seed")  # always part of a trial id
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A sweep: fixed trial settings, crossed axes, resources per trial, retries, results root."""
+    """A sweep: fixed trial settings, one or more grids of crossed axes (their union), resources per
+    trial, retries, results root."""
 
     name: str
     data: dict[str, Any]
     fixed: dict[str, Any]
-    axes: dict[str, list[Any]]
+    grids: list[dict[str, list[Any]]]  # each: its axes, crossed; the trials are the union of the grids
     variants: dict[str, dict[str, bool]]
     cpu: float = 1.0
     gpu: float = 0.0
@@ -321,16 +322,23 @@ class JobSpec:
         data.setdefault("split_seed", 0)
         settings: dict[str, Any] = {}
         origin: dict[str, str] = {}
+        grid = d.get("grid")
+        if isinstance(grid, list) and not grid:
+            raise UserError(f"{where}: grid: an empty list of grids gives no trials")
+        grid_parts = grid if isinstance(grid, list) else [grid or {}]  # a list of grids: their union
         for section, allowed in SECTIONS.items():
-            part = d.get(section) or {}
-            if not isinstance(part, dict):
-                raise UserError(f"{where}: {section}: expected a mapping of keys to values")
-            _known(f"{where}: {section}", part, allowed)
-            for k in part:
-                if k in origin:
-                    raise UserError(f"{where}: {k} is set in both {origin[k]} and {section}; set it once")
-                origin[k] = section
-            settings.update(part)
+            for i, part in enumerate(grid_parts if section == "grid" else [d.get(section) or {}]):
+                name_i = f"grid[{i}]" if isinstance(grid, list) and section == "grid" else section
+                if not isinstance(part, dict):
+                    raise UserError(f"{where}: {name_i}: expected a mapping of keys to values")
+                _known(f"{where}: {name_i}", part, allowed)
+                for k in part:
+                    first = origin.get(k)
+                    if first is not None and not (section == "grid" and first.startswith("grid")):
+                        raise UserError(f"{where}: {k} is set in both {origin[k]} and {name_i}; set it once")
+                    origin.setdefault(k, name_i)
+                if section != "grid":
+                    settings.update(part)
         for k in ("train_size", "valid_size", "test_size", "subset_seed"):
             if k in data:
                 settings[k] = data[k]
@@ -360,47 +368,68 @@ class JobSpec:
         retries = d.get("retries", 2)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise UserError(f"{where}: retries: expected a whole number >= 0, got {retries!r}")
-        for k, v in settings.items():  # a value, or a list of values to cross: never a mapping or nested list
+        for k, v in [*settings.items(), *(kv for part in grid_parts for kv in part.items())]:
+            # a value, or a list of values to cross: never a mapping or nested list
             if isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)):
                 raise UserError(f"{where}: {k}: expected a value or a list of values, got {v!r}")
-        axes = {k: list(v) for k, v in settings.items() if isinstance(v, list)}
-        for k, v in axes.items():
-            if not v:
+            if isinstance(v, list) and not v:
                 raise UserError(f"{where}: {k}: an empty list gives no trials")
         fixed = {k: v for k, v in settings.items() if not isinstance(v, list)}
-        spec = cls(name=name, data=data, fixed=fixed, axes=axes, variants=dict(variants), cpu=float(cpu),
+        shared = {k: list(v) for k, v in settings.items() if isinstance(v, list)}
+        grids = [{**shared, **{k: list(v) if isinstance(v, list) else [v] for k, v in part.items()}}
+                 for part in grid_parts]
+        union = {k: [v for g in grids for v in g.get(k, [])] or settings.get(k, []) for k in ("variant", "lr_schedule")}
+        spec = cls(name=name, data=data, fixed=fixed, grids=grids, variants=dict(variants), cpu=float(cpu),
                    gpu=float(gpu), retries=retries, results=_path(where, "results", d.get("results", "results")),
-                   compare=_compare(where, d.get("compare"), settings))
+                   compare=_compare(where, d.get("compare"), union))
         spec.trials("/dev/null", where=where)  # every trial must be a valid TrialConfig
         return spec
 
     def trials(self, data_path: str, where: str = "spec") -> list[tuple[str, TrialConfig]]:
-        """(trial_id, config) of every point of the grid, in a stable order."""
+        """(trial_id, config) of every point of the grids, in a stable order. A trial in several grids
+        counts once; a setting that takes several values over the grids (other than the variant, the
+        schedule and the seed) is part of every trial's id."""
         import itertools
 
-        keys = list(self.axes)
-        shown = [k for k in keys if k not in ID_AXES and len(self.axes[k]) > 1]
-        out = []
-        for combo in itertools.product(*(self.axes[k] for k in keys)):
-            d = {**self.fixed, **dict(zip(keys, combo)), "data": data_path}
-            d.update(self.variants.get(d.get("variant", "bn"), {}))
-            try:
-                cfg = TrialConfig.from_dict(d, where="trial")
-            except UserError as e:
-                raise UserError(f"{where}: {e}") from None
-            tid = cfg.trial_id + "".join(f"-{k}{d[k]}" for k in shown)
-            check_name(f"{where}: the trial id made of {', '.join((*ID_AXES, *shown))}", tid)
-            out.append((tid, cfg))
-        counts = collections.Counter(t for t, _ in out)  # linear: 40,000 trials plan in seconds
-        dup = sorted(t for t, n in counts.items() if n > 1)
-        if dup:
-            raise UserError(f"{where}: the grid repeats trials ({', '.join(dup[:3])}); remove duplicate list values")
+        values: dict[str, set] = collections.defaultdict(set)
+        default = {f.name: f.default for f in fields(TrialConfig)}
+        named = {k for g in self.grids for k in g}
+        for g in self.grids:  # a grid that does not name a setting takes the fixed value, else the default
+            for k in named:
+                values[k].update(map(repr, g.get(k) or [self.fixed.get(k, default.get(k))]))
+        shown = [k for k in values if k not in ID_AXES and len(values[k]) > 1]
+        out, seen = [], {}
+        for g in self.grids:
+            keys = list(g)
+            grid_ids = collections.Counter()
+            for combo in itertools.product(*(g[k] for k in keys)):
+                d = {**self.fixed, **dict(zip(keys, combo)), "data": data_path}
+                d.update(self.variants.get(d.get("variant", "bn"), {}))
+                try:
+                    cfg = TrialConfig.from_dict(d, where="trial")
+                except UserError as e:
+                    raise UserError(f"{where}: {e}") from None
+                tid = cfg.trial_id + "".join(f"-{k}{getattr(cfg, k)}" for k in shown)
+                check_name(f"{where}: the trial id made of {', '.join((*ID_AXES, *shown))}", tid)
+                grid_ids[tid] += 1
+                if tid in seen:
+                    if seen[tid] != cfg:
+                        raise UserError(f"{where}: two grids give trial {tid} different settings; make them agree "
+                                        "or set the setting that differs as a list in one grid")
+                    continue
+                seen[tid] = cfg
+                out.append((tid, cfg))
+            dup = sorted(t for t, n in grid_ids.items() if n > 1)  # linear: 40,000 trials plan in seconds
+            if dup:
+                raise UserError(f"{where}: the grid repeats trials ({', '.join(dup[:3])}); "
+                                "remove duplicate list values")
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as YAML-able data (saved as spec.yaml with the results)."""
         return {"name": self.name, "data": dict(self.data), "fixed": dict(self.fixed),
-                "axes": {k: list(v) for k, v in self.axes.items()}, "variants": dict(self.variants),
+                **({"axes": dict(self.grids[0])} if len(self.grids) == 1 else {"grids": [dict(g) for g in self.grids]}),
+                "variants": dict(self.variants),
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "retries": self.retries,
                 **({"compare": dict(self.compare)} if self.compare else {})}
 

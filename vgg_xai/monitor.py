@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 
 from .locks import driver_of, pid_alive
 from .trial_folder import ERROR, FINISHED, TESTED, Damaged, read_attempts, read_config, read_history, read_result
+from .trial_folder import trial_dirs
 COLUMNS = ("trial", "status", "epoch", "train_acc", "valid_acc", "img/s", "eta", "where")
 
 
@@ -286,8 +287,8 @@ def status(sweep_dir: str | Path, height: int | None = None, width: int | None =
         raise UserError(f"{sweep_dir}: not a sweep folder (no trials/); pass results/<sweep>, e.g. results/smoke")
     driver = driver_of(sweep_dir)
     job_lines, active = jobs(sweep_dir)
-    rows = [trial_row(d, driver_alive=driver is not None, jobs_active=active)
-            for d in sorted((sweep_dir / "trials").iterdir()) if d.is_dir()]
+    listed, outside = trial_dirs(sweep_dir)
+    rows = [trial_row(d, driver_alive=driver is not None, jobs_active=active) for d in listed]
     if driver is not None:
         since = driver.get("since")
         who = f"driver PID {driver.get('pid', '?')} on {driver.get('host', '?')}"
@@ -308,6 +309,9 @@ def status(sweep_dir: str | Path, height: int | None = None, width: int | None =
         else:  # a sweep folder from before commands were recorded
             hint = "`vgg-xai submit` the same spec again" if job_lines else "run the same `vgg-xai sweep` command again"
             head.append(f"{left}; {hint}")
+    if outside:
+        names = ", ".join(d.name for d in outside[:4]) + (f", +{len(outside) - 4} more" if len(outside) > 4 else "")
+        head.append(f"{len(outside)} trial folders outside the spec (kept on disk, left out of the tables): {names}")
     if height is None:
         return "\n".join(head + [""] + table(rows, width))
     return "\n".join(fit(head + [""], rows, height, width or 200, f"vgg-xai status {sweep_dir}"))

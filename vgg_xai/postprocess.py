@@ -51,7 +51,7 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import UserError
 from .locks import locked
 from .results import FAITHFULNESS_KEYS, SANITY_KEYS, trial_status, write_tables
-from .trial_folder import TESTED
+from .trial_folder import TESTED, trial_dirs
 
 SCHEMA = "vgg-xai/interpret/2"  # 2: faithfulness paired with the random map; the ABS randomization statistic
 
@@ -558,7 +558,7 @@ def postprocess(sweep_dir: str | Path, settings: Settings = Settings(), workers:
         raise UserError(f"{sweep_dir}: not a sweep folder (no trials/); pass results/<sweep>")
     summary = Summary(pivot={})
     if not tables_only:
-        dirs = sorted(d for d in (sweep_dir / "trials").iterdir() if trial_status(d) in TESTED)
+        dirs = [d for d in trial_dirs(sweep_dir)[0] if trial_status(d) in TESTED]
         todo = [d for d in dirs if force or not up_to_date(d, settings)]
         summary.skipped = [d.name for d in dirs if d not in todo]
         cpus = available_cpus()

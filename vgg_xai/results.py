@@ -167,11 +167,11 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def collect_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per trial folder (sorted by trial id); a trial whose files do not read is a `damaged` row
+    """One row per trial folder of the sweep's spec (sorted by trial id; folders of trials a grown spec no
+    longer lists are left out, see trial_folder.trial_dirs); a trial whose files do not read is a `damaged` row
     whose note names the file, what is wrong and what to do (trial_folder.Damaged), and the others are
     read as ever."""
-    trials = Path(sweep_dir, "trials")
-    return [_clean(_row(d)) for d in (sorted(p for p in trials.iterdir() if p.is_dir()) if trials.is_dir() else [])]
+    return [_clean(_row(d)) for d in trial_folder.trial_dirs(Path(sweep_dir))[0]]
 
 
 def _row(d: Path) -> dict[str, Any]:

@@ -3,13 +3,16 @@
 Trial folders are ours and stable (``results/<sweep>/trials/<trial_id>/``); Ray keeps its own
 state under ``results/<sweep>/ray/``. A trial resumes from the checkpoint.pt in its folder, so
 a retry after a crash, a rerun after the driver was stopped and a SLURM requeue all continue
-where the trial stopped. A finished trial (result.json) is never run again. Ray itself is
+where the trial stopped. A finished trial (result.json) is never run again, and a sweep grows: when
+its spec changes, every trial whose settings are unchanged is kept, new trials are added, and a
+finished trial given more epochs continues from its last checkpoint (`Growth`). Ray itself is
 vgg_xai.runtime's; the live view is vgg_xai.monitor's; post-processing follows a sweep in the
 command that runs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -24,9 +27,43 @@ from . import runtime
 from .atomic import atomic_write_text
 from .config import JobSpec, TrialConfig
 from .errors import DiskFull, UserError
-from .trial_folder import CONFIG, ERROR, FINISHED, finished, write_config, write_error
+from .trial_folder import CONFIG, ERROR, FINISHED, RESULT, Damaged, finished, read_config, read_result
+from .trial_folder import write_config, write_error
+
+# Settings whose change continues a trial from its checkpoint instead of training it anew.
+CONTINUABLE = ("epochs", "stop_dead")
 
 
+@dataclass
+class Growth:
+    """How a sweep's grid compares with the trial folders it already holds, by each trial's settings."""
+    kept: list[str] = field(default_factory=list)  # finished, nothing to add
+    new: list[str] = field(default_factory=list)  # no folder yet
+    continued: list[str] = field(default_factory=list)  # started or planned earlier, not finished
+    longer: list[str] = field(default_factory=list)  # finished, now with more epochs: on from its last checkpoint
+    retrained: list[str] = field(default_factory=list)  # the same id with other settings: trained anew
+    outside: list[str] = field(default_factory=list)  # on disk, no longer in the spec: kept, left out of tables
+    why: dict[str, str] = field(default_factory=dict)  # trial -> what changed in its settings
+
+    def line(self) -> str:
+        """What the change does, in one line: ``+8 new trials, 15 kept, 0 retrained``."""
+        parts = [f"+{len(self.new)} new trials", f"{len(self.kept)} kept", f"{len(self.retrained)} retrained"]
+        if self.continued:
+            parts.append(f"{len(self.continued)} continued")
+        if self.longer:
+            parts.append(f"{len(self.longer)} continued to more epochs")
+        if self.outside:
+            parts.append(f"{len(self.outside)} outside the spec (kept on disk, left out of the tables)")
+        return ", ".join(parts)
+
+    def label(self, tid: str) -> str:
+        """The trial's part in the plan, as --dry-run shows it."""
+        for name, ids in (("kept", self.kept), ("new", self.new), ("continued", self.continued)):
+            if tid in ids:
+                return {"kept": "finished", "new": "to run", "continued": "to continue"}[name]
+        if tid in self.longer:
+            return f"continue to more epochs: {self.why[tid]}"
+        return f"train anew: {self.why[tid]}"
 
 
 @dataclass
@@ -35,8 +72,9 @@ class Plan:
     sweep_dir: Path
     data: Path
     trials: list[tuple[str, TrialConfig]]  # every trial of the grid
-    changes: list[str] = field(default_factory=list)  # how the spec differs from the one this sweep started with
+    changes: list[str] = field(default_factory=list)  # a change of the sweep's data: nothing can be kept
     warnings: list[str] = field(default_factory=list)  # what this machine could not run (dry run only)
+    growth: Growth = field(default_factory=Growth)
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.sweep_dir / "trials" / trial_id
@@ -55,17 +93,76 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _identity(resolved: dict[str, Any]) -> dict[str, Any]:
-    """What must stay the same for a sweep to continue: the spec, and its data by content digest.
+    """What must stay the same for any trial of a sweep to be kept: its data, by content digest.
 
     The path or archive that named the data is not part of it: the same images prepared from an
     archive on a laptop and handed to a SLURM job as the prepared .h5 are the same sweep. A digest
     not known (a dry run before the data was prepared, a sweep started by an older version) is not
-    compared. Nor is `compare:`, which only names the reference cells of `results --compare`.
+    compared. The rest of the spec is compared trial by trial (`grow`).
     """
     data = {k: v for k, v in resolved["data"].items() if k not in ("source", "cache")}
     if data.get("content_sha256") is None:
         data.pop("content_sha256", None)
-    return {**{k: v for k, v in resolved.items() if k != "compare"}, "data": data}  # compare changes no trial
+    return {"data": data}
+
+
+def _changed(old: dict[str, Any], cfg: TrialConfig) -> list[str]:
+    """The settings in which a trial's recorded config.json differs from ``cfg``: 'epochs: 2 -> 3'. The
+    data path is not compared (the sweep's data is, by content); a setting newer than the record has
+    its default there."""
+    default = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
+    now = cfg.to_dict()
+    return [f"{k}: {old.get(k, default[k])!r} -> {now[k]!r}" for k in now
+            if k != "data" and old.get(k, default[k]) != now[k]]
+
+
+def grow(sweep_dir: Path, trials: list[tuple[str, TrialConfig]]) -> Growth:
+    """Sort the grid's trials by what the folders already in ``sweep_dir`` hold (see Growth). A
+    trial whose settings differ only in CONTINUABLE ones continues: a finished one to more epochs
+    (or, stopped as collapsed, to the end with stop_dead off); fewer epochs than it trained, or any
+    other setting, trains it anew."""
+    g = Growth()
+    folders = Path(sweep_dir, "trials")
+    listed = {t for t, _ in trials}
+    g.outside = sorted(d.name for d in folders.iterdir() if d.is_dir() and d.name not in listed) \
+        if folders.is_dir() else []
+    for tid, cfg in trials:
+        d = folders / tid
+        try:
+            old = read_config(d) if d.is_dir() else None
+            result = read_result(d) if old is not None else None
+        except Damaged:  # a record that does not read is written anew: the trial continues from its checkpoint
+            old, result = {}, None
+        if old is None:
+            g.new.append(tid)
+            continue
+        diff = _changed(old, cfg)
+        if diff:
+            g.why[tid] = "; ".join(diff)
+        if not diff:
+            (g.kept if result is not None else g.continued).append(tid)
+        elif any(k.split(":")[0] not in CONTINUABLE for k in diff) or cfg.epochs < old.get("epochs", cfg.epochs):
+            g.retrained.append(tid)
+        elif result is None:
+            g.continued.append(tid)
+        elif (result["status"] == "completed" and cfg.epochs > old.get("epochs", cfg.epochs)) or \
+                (result["status"] == "collapsed" and not cfg.stop_dead):
+            g.longer.append(tid)
+        else:  # more epochs for a diverged trial, stop_dead for one that never collapsed: nothing to train
+            g.kept.append(tid)
+    return g
+
+
+def _apply(p: Plan) -> None:
+    """Make the folders what the growth says: a trial trained anew has its old folder set aside in
+    ``replaced/`` (nothing is deleted), one continued to more epochs loses its result (so it runs)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for tid in p.growth.retrained:
+        aside = p.sweep_dir / "replaced" / f"{tid}.{stamp}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(p.trial_dir(tid)), aside)
+    for tid in p.growth.longer:
+        (p.trial_dir(tid) / RESULT).unlink(missing_ok=True)
 
 
 def sweep_dir_of(spec: JobSpec) -> Path:
@@ -146,9 +243,12 @@ def plan(spec: JobSpec, *, data: str | Path | None = None, force_new: bool = Fal
     resolved = {**spec.to_dict(), "data": {**spec.data, "source": str(source) if source else None,
                                            "cache": str(cache), "content_sha256": digest}}
     saved = sweep_dir / "spec.yaml"
-    changes = []
-    if saved.is_file():
-        changes = _diff(_identity(yaml.safe_load(saved.read_text())), _identity(resolved))
+    trials = spec.trials(str(cache))
+    changes = _diff(_identity(yaml.safe_load(saved.read_text())), _identity(resolved)) if saved.is_file() else []
+    growth = grow(sweep_dir, trials)
+    kept = growth.kept + growth.continued + growth.longer
+    if not changes and growth.retrained and not kept:
+        changes = [f"every trial's settings changed ({growth.why[growth.retrained[0]]}): nothing would be kept"]
     if changes and not dry_run:
         if not force_new:
             raise UserError(f"{sweep_dir}: the spec changed since this sweep started ({'; '.join(changes[:4])}); "
@@ -156,9 +256,14 @@ def plan(spec: JobSpec, *, data: str | Path | None = None, force_new: bool = Fal
         aside = sweep_dir.with_name(f"{sweep_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(sweep_dir), aside)
         print(f"started over: the earlier sweep was moved to {aside}", file=sys.stderr)
-    p = Plan(spec, sweep_dir, cache, spec.trials(str(cache)), changes, warnings)
+        growth = grow(sweep_dir, trials)
+    elif saved.is_file() and not dry_run:
+        print(f"sweep {spec.name}: {growth.line()}", file=sys.stderr, flush=True)
+    p = Plan(spec, sweep_dir, cache, trials, changes, warnings, growth)
+    resolved["trials"] = [t for t, _ in trials]  # the spec's trials: others in trials/ are outside it
     if not dry_run:
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        _apply(p)
         atomic_write_text(saved, yaml.safe_dump(resolved, sort_keys=True))
         for tid, cfg in p.trials:  # every trial has a folder from the start: tables list the ones never run
             if not (p.trial_dir(tid) / CONFIG).is_file():
@@ -191,10 +296,12 @@ def describe(p: Plan) -> str:
     """The --dry-run text: every trial, its status and its resources."""
     lines = [f"sweep {p.spec.name}: {len(p.trials)} trials, {p.spec.cpu:g} CPU and {p.spec.gpu:g} GPU each, "
              f"retries {p.spec.retries}", f"results: {p.sweep_dir}", f"data: {p.data}"]
-    done = "finished under the earlier spec" if p.changes else "finished"
+    if (p.sweep_dir / "spec.yaml").is_file():
+        lines.append(f"change: {p.growth.line()}" if not p.changes else "change: nothing kept (see the warning)")
     for tid, cfg in p.trials:
-        status = done if finished(p.trial_dir(tid)) else "to run"
+        status = "to run" if p.changes else p.growth.label(tid)
         lines.append(f"  {tid:<36} {cfg.arch} width {cfg.width:g} {cfg.head} epochs {cfg.epochs}  [{status}]")
+    lines += [f"  {tid:<36} [outside the spec: kept on disk, left out of the tables]" for tid in p.growth.outside]
     return "\n".join(lines)
 
 

@@ -206,3 +206,20 @@ def append_attempt(trial_dir: Path, record: dict[str, Any]) -> None:
 def write_error(trial_dir: Path, text: str) -> None:
     """error.txt: the last attempt's error, where every attempt failed."""
     atomic_write_text(Path(trial_dir) / ERROR, text)
+
+
+def trial_dirs(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The sweep's trial folders, sorted: (those its spec lists, those outside it). The spec is the one
+    spec.yaml recorded at the last run (its ``trials``); a sweep that recorded none lists every folder."""
+    import yaml
+
+    folders = Path(sweep_dir, "trials")
+    found = sorted(d for d in folders.iterdir() if d.is_dir()) if folders.is_dir() else []
+    try:
+        listed = (yaml.safe_load((Path(sweep_dir) / "spec.yaml").read_text()) or {}).get("trials")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        listed = None  # no record (a pulled table, an older sweep) or one that does not read: every folder
+    if not isinstance(listed, list):
+        return found, []
+    names = set(map(str, listed))
+    return [d for d in found if d.name in names], [d for d in found if d.name not in names]
