@@ -303,14 +303,11 @@ def _counted(values: list[str], empty: str = "not recorded") -> str:
 
 
 def _slurm_jobs(sweep_dir: Path) -> list[str]:
-    """'ROLE ID' of every job slurm/jobs.json records as submitted for the sweep."""
-    path = sweep_dir / "slurm" / "jobs.json"
+    """'ROLE ID' of every job recorded as submitted for the sweep; the one line where the record is damaged."""
     try:
-        record = json.loads(path.read_text()) if path.is_file() else []
-    except ValueError:
-        return []
-    return [f"{j.get('role', 'job')} {j.get('job_id')}" for sub in record if isinstance(sub, dict)
-            for j in sub.get("jobs", []) if isinstance(j, dict)]
+        return [f"{j['role']} {j['job_id']}" for sub in trial_folder.read_jobs(sweep_dir) for j in sub["jobs"]]
+    except trial_folder.Damaged as e:
+        return [f"not read: {e}"]
 
 
 def _spec_data(sweep_dir: Path) -> dict[str, Any]:

@@ -30,8 +30,7 @@ from .config import ClusterProfile, JobSpec, TrialConfig
 from . import runtime
 from .errors import UserError
 from .locks import driving
-
-JOBS = "slurm/jobs.json"
+from .trial_folder import Damaged, add_submission, read_jobs
 
 
 # ---------------------------------------------------------------------------- checks
@@ -320,9 +319,7 @@ def submit(spec: JobSpec, profile: ClusterProfile, *, data: str | None = None, m
                      dependency=f"afterany:{after}")  # whatever the sweep's outcome: never pending for ever
     pjob = post.submit(PostprocessJob(str(plan.sweep_dir)))
     jobs.append({"role": "postprocess", "job_id": pjob.job_id})
-    record = _read_jobs(plan.sweep_dir)
-    record.append({"submitted": time.time(), "mode": mode, "jobs": jobs})
-    atomic_write_text(plan.sweep_dir / JOBS, json.dumps(record, indent=2))
+    add_submission(plan.sweep_dir, mode, jobs)
     return {"sweep_dir": str(plan.sweep_dir), "mode": mode, "jobs": jobs}
 
 
@@ -333,7 +330,7 @@ def active_jobs(sweep_dir: Path) -> list[str]:
     a job whose begin time is still ahead. By base id, since squeue shows an array's pending tasks
     as one line (12_[0-3]).
     """
-    ids = {j["job_id"].split("_")[0] for record in _read_jobs(sweep_dir) for j in record["jobs"]}
+    ids = {j["job_id"].split("_")[0] for record in read_jobs(sweep_dir) for j in record["jobs"]}
     if not ids:
         return []
     queue = _run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T"])
@@ -341,15 +338,10 @@ def active_jobs(sweep_dir: Path) -> list[str]:
             if jid.split("_")[0] in ids]
 
 
-def _read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    path = Path(sweep_dir) / JOBS
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 def _latest_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    record = _read_jobs(Path(sweep_dir))
+    record = read_jobs(Path(sweep_dir))
     if not record:
-        raise UserError(f"{sweep_dir}: no SLURM jobs recorded (slurm/jobs.json); submit with `vgg-xai submit`")
+        raise UserError(f"{sweep_dir}: no SLURM jobs recorded; submit with `vgg-xai submit`")
     return record[-1]["jobs"]
 
 
@@ -372,9 +364,13 @@ def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
 
 def jobs_view(sweep_dir: str | Path) -> tuple[list[str], bool]:
     """What `vgg-xai status` shows of a sweep's SLURM jobs: their lines (none for a sweep never
-    submitted), and whether any of them is still queued or running."""
-    if not _read_jobs(Path(sweep_dir)):
-        return [], False
+    submitted), and whether any of them is still queued or running. A damaged record is one line
+    (the trials are read from their folders all the same)."""
+    try:
+        if not read_jobs(Path(sweep_dir)):
+            return [], False
+    except Damaged as e:
+        return [f"SLURM jobs not read: {e}"], False
     return job_lines(sweep_dir), bool(active_jobs(Path(sweep_dir)))
 
 
