@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ from urllib.parse import quote
 from . import trial_folder
 from .atomic import atomic_write_text
 from .compare import compare, spec_reference
+from .features import read_provenance
 from .postprocess import IMAGES_RULE
 from .results import DAGGER, best_cells, cell_text, collect_rows, fmt_value, ordered, pivot, read_interpretation
 
@@ -273,19 +273,10 @@ def _dump_attrs(trial_dir: Path) -> dict[str, Any]:
     path = trial_dir / "features.h5"
     if not path.is_file():
         return {}
-    import h5py
-
     try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.attrs.items()}
+        return read_provenance(path)
     except OSError:
         return {}
-    for k in ("versions", "config"):
-        try:
-            attrs[k] = json.loads(attrs.get(k, "{}"))
-        except ValueError:
-            attrs[k] = {}
-    return attrs
 
 
 def _when(t: float | None) -> str:
