@@ -160,7 +160,8 @@ def test_a_held_lock_with_a_damaged_record_still_says_a_driver_holds_it(sweep, c
 
 
 JOBS_DAMAGE = {  # id: (what slurm/jobs.json holds, the words of the one line)
-    "cut short": ('[{"submitted": 1.0, "mode": "array", "jobs": [{"role": "tri', "jobs.json: not valid JSON (cut short?)"),
+    "cut short": ('[{"submitted": 1.0, "mode": "array", "jobs": [{"role": "tri',
+                  "jobs.json: not valid JSON (cut short?)"),
     "an object, not a list": ('{"jobs": []}', "jobs.json: the record is a JSON dict, not a list of submissions"),
     "a job id that is a number": ('[{"submitted": 1.0, "mode": "ray", "jobs": [{"role": "sweep", "job_id": 12}]}]',
                                   "jobs.json: submission 1: job {'role': 'sweep', 'job_id': 12} is not an object"),

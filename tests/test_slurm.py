@@ -74,6 +74,59 @@ def _attempts(trial_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (trial_dir / "attempts.jsonl").read_text().splitlines()]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"nodes": 1, "tasks_per_node": 1, "timeout_min": 60, "slurm_signal_delay_s": 60, "slurm_setup": [],
+        "mem_gb": 4, "slurm_partition": "debug"}  # cluster/local.yaml's settings in every job
+# What submit gives submitit for each job, recorded for the repository's profiles and jobs/smoke.yaml.
+SBATCH = {
+    ("local.yaml", "sweep"): {**BASE, "name": "vgg-xai-smoke", "cpus_per_task": 2, "slurm_additional_parameters": {}},
+    ("local.yaml", "trial"): {**BASE, "name": "vgg-xai-smoke", "cpus_per_task": 1, "slurm_additional_parameters": {},
+                              "slurm_array_parallelism": 15},
+    ("local.yaml", "postprocess"): {**BASE, "name": "vgg-xai-smoke-post", "cpus_per_task": 2,
+                                    "slurm_additional_parameters": {"dependency": "afterany:41"}},
+    ("local-multi.yaml", "sweep"): {**BASE, "name": "vgg-xai-smoke", "nodes": 2, "cpus_per_task": 2,
+                                    "slurm_additional_parameters": {}},
+    ("example-gpu.yaml", "sweep"): {
+        "name": "vgg-xai-smoke", "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 32, "gpus_per_node": 4,
+        "timeout_min": 480, "slurm_signal_delay_s": 180, "mem_gb": 128, "slurm_partition": "gpu",
+        "slurm_account": "my-project", "slurm_qos": "normal", "slurm_additional_parameters": {},
+        "slurm_setup": ['export OMP_NUM_THREADS="8"', "module load cuda", "source $HOME/venvs/vgg-xai/bin/activate"]},
+    ("example-gpu.yaml", "postprocess"): {
+        "name": "vgg-xai-smoke-post", "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 32, "timeout_min": 480,
+        "slurm_signal_delay_s": 180, "mem_gb": 128, "slurm_partition": "gpu", "slurm_account": "my-project",
+        "slurm_qos": "normal", "slurm_additional_parameters": {"dependency": "afterany:41"},
+        "slurm_setup": ['export OMP_NUM_THREADS="8"', "module load cuda", "source $HOME/venvs/vgg-xai/bin/activate"]},
+}
+
+
+@pytest.mark.parametrize("profile, role", list(SBATCH), ids=[f"{p}-{r}" for p, r in SBATCH])
+def test_job_parameters_are_the_recorded_ones_and_submitit_takes_them(profile, role, tmp_path):
+    """The sbatch settings of each job, from a profile and a spec alone, against the recorded ones; submitit's
+    SLURM executor takes them as they are (it refuses a parameter it does not know). No SLURM is asked."""
+    import submitit
+
+    from vgg_xai.config import ClusterProfile, JobSpec
+    from vgg_xai.slurm import job_parameters
+
+    spec = JobSpec.from_yaml(ROOT / "jobs" / "smoke.yaml")
+    params = job_parameters(ClusterProfile.from_yaml(ROOT / "cluster" / profile), spec, role, after="41",
+                            tasks=len(spec.trials("/c.h5")))
+    assert params == SBATCH[profile, role]
+    submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm").update_parameters(**params)
+
+
+def test_array_tasks_at_once_and_whole_resources_per_task():
+    from vgg_xai.config import ClusterProfile, JobSpec
+    from vgg_xai.slurm import job_parameters
+
+    spec = JobSpec.from_yaml(ROOT / "jobs" / "smoke.yaml", ["resources.cpu=1.5", "resources.gpu=0.25"])
+    params = job_parameters(ClusterProfile.from_yaml(ROOT / "cluster" / "local.yaml"), spec, "trial", tasks=15,
+                            max_concurrent=4)
+    assert (params["cpus_per_task"], params["gpus_per_node"], params["slurm_array_parallelism"]) == (2, 1, 4)
+    with pytest.raises(ValueError, match="role 'array' is not one of sweep, trial, postprocess"):
+        job_parameters(ClusterProfile(), spec, "array")
+
+
 def test_sweep_job_then_postprocess_job(slurm, tmp_path, tiny_cache):
     t0 = time.monotonic()
     jobs = _submit(str(_spec(tmp_path, tiny_cache)), "--cluster", str(_profile(tmp_path)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import re
 import shutil
@@ -256,16 +257,32 @@ class PostprocessJob:
 
 # ---------------------------------------------------------------------------- submit
 
-def _executor(folder: Path, profile: ClusterProfile, name: str, *, nodes: int, cpus: int, gpus: int,
-              dependency: str | None = None) -> submitit.AutoExecutor:
-    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+def job_parameters(profile: ClusterProfile, spec: JobSpec, role: str, *, after: str | None = None,
+                   tasks: int = 0, max_concurrent: int | None = None) -> dict[str, Any]:
+    """What submit gives submitit's ``update_parameters`` for one job of a submission, from the cluster
+    profile and the job spec alone (no SLURM is asked):
+
+    - ``sweep`` (mode ray): the profile's nodes, each one task with its CPUs and GPUs (a Ray node each);
+    - ``trial`` (mode array): the array of ``tasks`` trials, each one node with the whole CPUs and GPUs a
+      trial asks for, at most ``max_concurrent`` of them at once (all, where None);
+    - ``postprocess``: one node, the profile's CPUs, no GPU, after any outcome of job ``after``.
+    """
+    if role == "sweep":
+        nodes, cpus, gpus = profile.nodes, profile.cpus_per_task, profile.gpus_per_node
+    elif role == "trial":  # a task gets whole CPUs and GPUs
+        nodes, cpus, gpus = 1, max(1, math.ceil(spec.cpu)), math.ceil(spec.gpu)
+    elif role == "postprocess":
+        nodes, cpus, gpus = 1, profile.cpus_per_task, 0
+    else:
+        raise ValueError(f"role {role!r} is not one of sweep, trial, postprocess")
     extra = dict(profile.extra_sbatch)
-    if dependency:
-        extra["dependency"] = dependency
-    setup = [f"export {k}={json.dumps(v)}" for k, v in profile.env.items()] + list(profile.setup)
+    if role == "postprocess":
+        extra["dependency"] = f"afterany:{after}"  # whatever the sweep's outcome: never pending for ever
     params: dict[str, Any] = dict(
-        name=name, nodes=nodes, tasks_per_node=1, cpus_per_task=cpus, timeout_min=profile.time_min,
-        slurm_signal_delay_s=profile.signal_delay_s, slurm_additional_parameters=extra, slurm_setup=setup,
+        name=f"vgg-xai-{spec.name}" + ("-post" if role == "postprocess" else ""), nodes=nodes, tasks_per_node=1,
+        cpus_per_task=cpus, timeout_min=profile.time_min, slurm_signal_delay_s=profile.signal_delay_s,
+        slurm_additional_parameters=extra,
+        slurm_setup=[f"export {k}={json.dumps(v)}" for k, v in profile.env.items()] + list(profile.setup),
     )
     if gpus:
         params["gpus_per_node"] = gpus
@@ -274,6 +291,13 @@ def _executor(folder: Path, profile: ClusterProfile, name: str, *, nodes: int, c
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(profile, key):
             params[f"slurm_{key}"] = getattr(profile, key)
+    if role == "trial":
+        params["slurm_array_parallelism"] = max_concurrent or tasks
+    return params
+
+
+def _executor(folder: Path, params: dict[str, Any]) -> submitit.AutoExecutor:
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     ex.update_parameters(**params)
     return ex
 
@@ -296,28 +320,23 @@ def submit(spec: JobSpec, profile: ClusterProfile, *, data: str | None = None, m
     with driving(sweep_dir):  # no local driver on it now, and none while the folder is prepared
         plan = sweep.plan(spec, data=data, force_new=force_new, check_local=False)
     folder = plan.sweep_dir / "slurm"
-    name = f"vgg-xai-{spec.name}"
     jobs = []
     if mode == "ray":
-        ex = _executor(folder, profile, name, nodes=profile.nodes, cpus=profile.cpus_per_task,
-                       gpus=profile.gpus_per_node)
-        job = ex.submit(SweepJob(spec, str(plan.data)))
+        job = _executor(folder, job_parameters(profile, spec, "sweep")).submit(SweepJob(spec, str(plan.data)))
         jobs.append({"role": "sweep", "job_id": job.job_id})
         after = job.job_id
     else:
         pending = plan.pending()
         if not pending:
             raise UserError(f"{plan.sweep_dir}: every trial has finished; nothing to submit")
-        gpus = int(-(-spec.gpu // 1))  # a task gets whole GPUs
-        ex = _executor(folder, profile, name, nodes=1, cpus=max(1, int(-(-spec.cpu // 1))), gpus=gpus)
-        ex.update_parameters(slurm_array_parallelism=max_concurrent or len(pending))
+        params = job_parameters(profile, spec, "trial", tasks=len(pending), max_concurrent=max_concurrent)
+        ex = _executor(folder, params)
         with ex.batch():
             array = [ex.submit(TrialTask(str(plan.trial_dir(t))), c.to_dict()) for t, c in pending]
         jobs += [{"role": "trial", "job_id": j.job_id, "trial_id": t} for j, (t, _) in zip(array, pending)]
         after = array[0].job_id.split("_")[0]
-    post = _executor(folder, profile, f"{name}-post", nodes=1, cpus=profile.cpus_per_task, gpus=0,
-                     dependency=f"afterany:{after}")  # whatever the sweep's outcome: never pending for ever
-    pjob = post.submit(PostprocessJob(str(plan.sweep_dir)))
+    pjob = _executor(folder, job_parameters(profile, spec, "postprocess", after=after)).submit(
+        PostprocessJob(str(plan.sweep_dir)))
     jobs.append({"role": "postprocess", "job_id": pjob.job_id})
     add_submission(plan.sweep_dir, mode, jobs)
     return {"sweep_dir": str(plan.sweep_dir), "mode": mode, "jobs": jobs}
