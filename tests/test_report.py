@@ -5,9 +5,13 @@ sweep, rendered in Chromium, is in test_postprocess.py."""
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,12 +22,16 @@ from PIL import Image, ImageDraw
 from vgg_xai import features, trial_folder
 from vgg_xai.config import TrialConfig
 from vgg_xai.postprocess import SCHEMA
-from vgg_xai.report import build_html
+from vgg_xai.report import PAGE_PX, SWEEP_THUMB_SCALE, THUMB_SCALE, build_html
 
 GOOD, BAD, PENDING = "bn-lr1e-3-s0", "plain-lr1e-2-s0", "l2-lr1e-3-s0"
 COMMIT = "0123456789abcdef0123"
 REASON = "one predicted class (ship) for every test image"
-FIGURES = {"curves": (1000, 400), "confusion": (1640, 550), "cam": (515, 1048)}  # their sizes as viz draws them
+# Sizes as viz draws them (at 100 dpi), and one wider than the page's column at any scale.
+FIGURES = {"curves": (1000, 400), "confusion": (1640, 550), "cam": (515, 1048), "filters_last": (2400, 600)}
+# The smallest text viz draws in a figure, 10 points at 100 dpi (14 px), reads on a screen from 9 px up.
+READABLE = 9 / (10 / 72 * 100)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _png(path: Path, size: tuple[int, int]) -> None:
@@ -108,7 +116,7 @@ def test_a_degenerate_trial_is_named_and_its_skipped_figures_left_out(sweep):
     banner = re.search(r'<div class="banner">(.*?)</div>', sections[BAD], re.S).group(1)
     assert "Degenerate trial." in banner and html.escape(REASON) in banner and "<b>cam</b>: one predicted" in banner
     shown = {tid: set(re.findall(r'interpret/(\w+)\.png"', s)) for tid, s in sections.items()}
-    assert shown == {GOOD: set(FIGURES), BAD: {"curves", "confusion"}, PENDING: set()}
+    assert shown == {GOOD: set(FIGURES), BAD: set(FIGURES) - {"cam"}, PENDING: set()}
     assert 'class="banner"' not in sections[GOOD]
     assert "not interpreted (only completed trials are)" in sections[PENDING]
     assert re.search(rf'<tr class=degenerate><td><a href="#t-{BAD}">{BAD}</a></td>', page)
@@ -123,3 +131,55 @@ def test_provenance_comes_from_the_trials_files(sweep):
     assert prov["hosts"] == "node1" and prov["trials"] == "3: 2 completed, 1 pending"
     assert "content sha256 " + "ab" * 32 in prov["data"]
     assert f"git {COMMIT[:12]}" in _sections(page)[GOOD]
+
+
+def _thumbnails(page: str) -> list[tuple[str, dict[str, str], Image.Image]]:
+    """Each inline thumbnail: the PNG it links to, its <figure> and <img> attributes, the decoded image."""
+    out = []
+    for style, href, attrs in re.findall(r'<figure style="([^"]*)"><a href="([^"]+)"><img ([^>]*)>', page):
+        a = dict(re.findall(r'(\w+)="([^"]*)"', attrs))
+        a["figure_style"] = style
+        out.append((href, a, Image.open(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1])))))
+    return out
+
+
+def test_thumbnails_are_scaled_so_their_labels_read(sweep):
+    """Every figure's thumbnail is its PNG scaled by one factor at which its labels read (not one size for
+    all, which shrinks a wide figure's text more), no wider than the page's column; the page says so in
+    its width and height, and the caption wraps at the thumbnail's width."""
+    assert THUMB_SCALE >= READABLE and SWEEP_THUMB_SCALE >= READABLE
+    thumbs = _thumbnails(build_html(sweep))
+    assert len(thumbs) == 1 + 2 * len(FIGURES) - 1  # the accuracy chart; the degenerate trial's cam is left out
+    for href, a, im in thumbs:
+        with Image.open(sweep / href) as full:
+            native = full.size
+        scale = SWEEP_THUMB_SCALE if href.startswith("figures/") else THUMB_SCALE
+        want = min(round(native[0] * scale), PAGE_PX)
+        assert im.width == want and abs(im.height - native[1] * want / native[0]) <= 1, (href, im.size, native)
+        assert (a["width"], a["height"]) == (str(im.width), str(im.height)), href
+        assert a["figure_style"] == f"width:{im.width + 2}px", href  # the image and its 1 px border
+        assert im.width / native[0] >= READABLE or im.width == PAGE_PX, href
+    assert any(im.width == PAGE_PX for _, _, im in thumbs)  # the wide one is capped
+
+
+PROBE = ("<script>addEventListener('load',()=>{const b=document.body.dataset;"
+         "b.sizes=JSON.stringify([...document.images].map(i=>[i.getAttribute('alt'),i.clientWidth,i.naturalWidth]));"
+         "b.pagewidth=document.documentElement.scrollWidth;b.window=innerWidth});</script>")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium) to render the report")
+def test_thumbnails_render_at_their_own_size_in_a_browser(sweep, tmp_path):
+    """In a 1400 px window, Chromium draws every thumbnail at its own pixel size (no style shrinks its labels
+    again) and the figures fit the page's width."""
+    probe = sweep / "probe.html"
+    probe.write_text(build_html(sweep).replace("</body>", PROBE + "</body>", 1))
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--no-first-run", "--proxy-server=http://127.0.0.1:9",
+                        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000",
+                        "--window-size=1400,900", "--dump-dom", probe.as_uri()],
+                       capture_output=True, text=True, timeout=180)
+    body = dict(re.findall(r'data-(\w+)="([^"]*)"', re.search(r"<body([^>]*)>", r.stdout).group(1)))
+    sizes = json.loads(html.unescape(body["sizes"]))
+    assert len(sizes) == len(_thumbnails(build_html(sweep))) and all(n > 0 for _, _, n in sizes), sizes
+    assert all(shown == natural for _, shown, natural in sizes), [s for s in sizes if s[1] != s[2]]
+    assert int(body["pagewidth"]) <= int(body["window"]), body
