@@ -10,6 +10,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import asdict
@@ -156,3 +157,60 @@ def test_a_held_lock_with_a_damaged_record_still_says_a_driver_holds_it(sweep, c
         assert "driver PID ? on ?" in head, head
     finally:
         os.close(fd)
+
+
+JOBS_DAMAGE = {  # id: (what slurm/jobs.json holds, the words of the one line)
+    "cut short": ('[{"submitted": 1.0, "mode": "array", "jobs": [{"role": "tri',
+                  "jobs.json: not valid JSON (cut short?)"),
+    "an object, not a list": ('{"jobs": []}', "jobs.json: the record is a JSON dict, not a list of submissions"),
+    "a job id that is a number": ('[{"submitted": 1.0, "mode": "ray", "jobs": [{"role": "sweep", "job_id": 12}]}]',
+                                  "jobs.json: submission 1: job {'role': 'sweep', 'job_id': 12} is not an object"),
+}
+
+
+@pytest.fixture(params=list(JOBS_DAMAGE))
+def damaged_jobs(request, sweep) -> str:
+    """The sweep's SLURM jobs record damaged; the words its one line holds."""
+    text, words = JOBS_DAMAGE[request.param]
+    (sweep / "slurm").mkdir()
+    (sweep / "slurm" / "jobs.json").write_text(text)
+    return words
+
+
+def _one_line(out: str, words: str, sweep: Path) -> str:
+    lines = [x for x in out.splitlines() if words in x]
+    assert len(lines) == 1 and str(sweep / "slurm" / "jobs.json") in lines[0], out
+    assert "restore it from a copy, or delete it" in lines[0] and "Traceback" not in out, out
+    return lines[0]
+
+
+def test_status_names_a_damaged_jobs_record_in_one_line_and_shows_the_trials(damaged_jobs, sweep, capsys):
+    assert main(["status", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert _one_line(out, damaged_jobs, sweep).startswith("SLURM jobs not read: ")
+    assert out.splitlines()[0].startswith("sweep s: 2/2 done"), out
+    assert next(x for x in out.splitlines() if x.startswith(GOOD)).split()[1] == "completed:"
+
+
+def test_logs_names_a_damaged_jobs_record_in_one_line_after_the_trial_log(damaged_jobs, sweep, capsys):
+    (sweep / "trials" / GOOD / "trial.log").write_text("=== attempt 1 on h\nresult: completed\n")
+    assert main(["logs", str(sweep), GOOD]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"==> trial.log: {sweep / 'trials' / GOOD / 'trial.log'} <==\n=== attempt 1 on h\n"), out
+    assert _one_line(out, damaged_jobs, sweep).startswith("not read: ")
+
+
+def test_cancel_stops_at_a_damaged_jobs_record_in_one_line(damaged_jobs, sweep, capsys):
+    assert main(["cancel", str(sweep)]) == 2
+    _one_line(capsys.readouterr().err, damaged_jobs, sweep)
+
+
+def test_the_report_names_a_damaged_jobs_record_in_its_provenance(damaged_jobs, sweep):
+    import html
+
+    from vgg_xai.report import build_html
+
+    page = html.unescape(build_html(sweep))
+    row = re.search(r"<tr><td>SLURM</td><td>(.*?)</td></tr>", page).group(1)
+    assert row.startswith("submitted: not read: ") and damaged_jobs in row and "restore it from a copy" in row
+    assert f'id="t-{GOOD}"' in page and f'id="t-{BAD}"' in page  # the trials are all there

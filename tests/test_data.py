@@ -284,6 +284,7 @@ def test_batches_with_numpy_arrays_still_prepare(dumps, tiny_arrays, tiny_cache,
 
 # ---------------------------------------------------------------------------- the real data
 
+@pytest.mark.slow  # decodes all 60,000 images of the archive
 @pytest.mark.skipif(not SHARED_DATA.is_file(), reason=f"real CIFAR-10 copy not found at {SHARED_DATA}")
 def test_real_cifar10(tmp_path):
     cache = prepare(SHARED_DATA, tmp_path / "cifar10.h5")

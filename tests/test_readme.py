@@ -25,7 +25,6 @@ import pytest
 
 from conftest import FAKE_SSH, SHARED_DATA
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 
@@ -74,6 +73,9 @@ NOT_RUN_HERE = {
     "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu":
         "it downloads torch's CPU build from download.pytorch.org (tests talk only to 127.0.0.1) and would "
         "replace this environment's torch",
+    'python -m pytest -m "not slow"':
+        "it is this suite's fast tier (every test not marked slow), which the suite as a whole runs; here it "
+        "would recurse",
 }
 # The README's test command is this suite itself: CI runs it as written (.ci/run); here it would recurse.
 SUITE = "python -m pytest"
@@ -186,6 +188,7 @@ WALK = [
 ]
 
 
+@pytest.mark.slow
 def test_set_up_and_the_smoke_study(walk):
     _walk_line(walk, 'pip install -e ".[dev]"', timeout=900)
     r = _walk_line(walk, "vgg-xai sweep jobs/smoke.yaml --data PATH/TO/cifar10")
@@ -197,6 +200,7 @@ def test_set_up_and_the_smoke_study(walk):
     assert "0 trials to run, 15 finished earlier" in r.stdout
 
 
+@pytest.mark.slow
 def test_sweeps_of_the_seed_study(walk, tmp_path):
     from vgg_xai.runtime import free_port, start_head
 
@@ -222,6 +226,7 @@ def test_not_run_here(line):
     pytest.skip(reason=f"not run here: `{line}`: {NOT_RUN_HERE[line]}")
 
 
+@pytest.mark.slow
 def test_the_cpu_study_plans(walk):
     """jobs/cpu.yaml as the README describes it: the seed study's 15 trials on the full training split."""
     r = walk.run(f"vgg-xai sweep jobs/cpu.yaml --dry-run --data {SHARED_DATA}")
@@ -240,6 +245,7 @@ def test_the_cpu_study_plans(walk):
     assert r.stdout.count("vgg11_cifar width 0.125 mlp epochs 3  [to run]") == 10, r.stdout
 
 
+@pytest.mark.slow
 def test_overrides_with_set(walk):
     r = _walk_line(walk, "vgg-xai sweep jobs/smoke.yaml --dry-run --set name=smoke-1epoch --set training.epochs=1 "
                          "--set 'grid.variant=[bn,plain]'")
@@ -252,6 +258,7 @@ def test_overrides_with_set(walk):
     assert not (walk.cwd / "results" / "smoke-gpu").exists()
 
 
+@pytest.mark.slow
 def test_following_a_finished_sweep(walk):
     for line in ("vgg-xai status results/smoke", "vgg-xai status results/smoke --watch"):
         r = _walk_line(walk, line, timeout=120)  # --watch: nothing runs the sweep, so one view and out
@@ -263,6 +270,7 @@ def test_following_a_finished_sweep(walk):
     assert "epoch   2  lr 1e-03" in r.stdout and "result: completed" in r.stdout, r.stdout
 
 
+@pytest.mark.slow
 def test_postprocessing_and_results(walk):
     sweep = walk.cwd / "results" / "smoke"
     for line in ("vgg-xai postprocess results/smoke", "vgg-xai postprocess results/smoke --workers 1"):
@@ -319,6 +327,7 @@ def _submit_the_smoke_study(local: Shell, profile: str) -> tuple[Path, subproces
     return sweep, r
 
 
+@pytest.mark.slow
 def test_slurm_on_a_cluster_and_on_the_local_one(walk, tmp_path):
     local, run_dir = _local_slurm_shell(walk, tmp_path)
     try:
@@ -336,6 +345,7 @@ def test_slurm_on_a_cluster_and_on_the_local_one(walk, tmp_path):
         subprocess.run(["rm", "-rf", str(run_dir)])
 
 
+@pytest.mark.slow
 def test_slurm_across_nodes(walk, tmp_path):
     """The README's multi-node block: the smoke study on two nodes of a local 3-node SLURM."""
     local, run_dir = _local_slurm_shell(walk, tmp_path)

@@ -16,7 +16,6 @@ import yaml
 from conftest import processes, ray_processes
 from vgg_xai.results import collect_rows
 
-pytestmark = pytest.mark.slow
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 
 
@@ -74,6 +73,60 @@ def _attempts(trial_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (trial_dir / "attempts.jsonl").read_text().splitlines()]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"nodes": 1, "tasks_per_node": 1, "timeout_min": 60, "slurm_signal_delay_s": 60, "slurm_setup": [],
+        "mem_gb": 4, "slurm_partition": "debug"}  # cluster/local.yaml's settings in every job
+# What submit gives submitit for each job, recorded for the repository's profiles and jobs/smoke.yaml.
+SBATCH = {
+    ("local.yaml", "sweep"): {**BASE, "name": "vgg-xai-smoke", "cpus_per_task": 2, "slurm_additional_parameters": {}},
+    ("local.yaml", "trial"): {**BASE, "name": "vgg-xai-smoke", "cpus_per_task": 1, "slurm_additional_parameters": {},
+                              "slurm_array_parallelism": 15},
+    ("local.yaml", "postprocess"): {**BASE, "name": "vgg-xai-smoke-post", "cpus_per_task": 2,
+                                    "slurm_additional_parameters": {"dependency": "afterany:41"}},
+    ("local-multi.yaml", "sweep"): {**BASE, "name": "vgg-xai-smoke", "nodes": 2, "cpus_per_task": 2,
+                                    "slurm_additional_parameters": {}},
+    ("example-gpu.yaml", "sweep"): {
+        "name": "vgg-xai-smoke", "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 32, "gpus_per_node": 4,
+        "timeout_min": 480, "slurm_signal_delay_s": 180, "mem_gb": 128, "slurm_partition": "gpu",
+        "slurm_account": "my-project", "slurm_qos": "normal", "slurm_additional_parameters": {},
+        "slurm_setup": ['export OMP_NUM_THREADS="8"', "module load cuda", "source $HOME/venvs/vgg-xai/bin/activate"]},
+    ("example-gpu.yaml", "postprocess"): {
+        "name": "vgg-xai-smoke-post", "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 32, "timeout_min": 480,
+        "slurm_signal_delay_s": 180, "mem_gb": 128, "slurm_partition": "gpu", "slurm_account": "my-project",
+        "slurm_qos": "normal", "slurm_additional_parameters": {"dependency": "afterany:41"},
+        "slurm_setup": ['export OMP_NUM_THREADS="8"', "module load cuda", "source $HOME/venvs/vgg-xai/bin/activate"]},
+}
+
+
+@pytest.mark.parametrize("profile, role", list(SBATCH), ids=[f"{p}-{r}" for p, r in SBATCH])
+def test_job_parameters_are_the_recorded_ones_and_submitit_takes_them(profile, role, tmp_path):
+    """The sbatch settings of each job, from a profile and a spec alone, against the recorded ones; submitit's
+    SLURM executor takes them as they are (it refuses a parameter it does not know). No SLURM is asked."""
+    import submitit
+
+    from vgg_xai.config import ClusterProfile, JobSpec
+    from vgg_xai.slurm import job_parameters
+
+    spec = JobSpec.from_yaml(ROOT / "jobs" / "smoke.yaml")
+    params = job_parameters(ClusterProfile.from_yaml(ROOT / "cluster" / profile), spec, role, after="41",
+                            tasks=len(spec.trials("/c.h5")))
+    assert params == SBATCH[profile, role]
+    submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm").update_parameters(**params)
+
+
+def test_array_tasks_at_once_and_whole_resources_per_task():
+    from vgg_xai.config import ClusterProfile, JobSpec
+    from vgg_xai.slurm import job_parameters
+
+    spec = JobSpec.from_yaml(ROOT / "jobs" / "smoke.yaml", ["resources.cpu=1.5", "resources.gpu=0.25"])
+    params = job_parameters(ClusterProfile.from_yaml(ROOT / "cluster" / "local.yaml"), spec, "trial", tasks=15,
+                            max_concurrent=4)
+    assert (params["cpus_per_task"], params["gpus_per_node"], params["slurm_array_parallelism"]) == (2, 1, 4)
+    with pytest.raises(ValueError, match="role 'array' is not one of sweep, trial, postprocess"):
+        job_parameters(ClusterProfile(), spec, "array")
+
+
+@pytest.mark.slow
 def test_sweep_job_then_postprocess_job(slurm, tmp_path, tiny_cache):
     t0 = time.monotonic()
     jobs = _submit(str(_spec(tmp_path, tiny_cache)), "--cluster", str(_profile(tmp_path)))
@@ -94,6 +147,7 @@ def test_sweep_job_then_postprocess_job(slurm, tmp_path, tiny_cache):
     assert f"{jobs['sweep']:<14} sweep        COMPLETED" in out and "plain-lr1e-3-s0" in out
 
 
+@pytest.mark.slow
 def test_requeued_sweep_resumes_without_retraining(slurm, tmp_path, tiny_cache):
     spec = _spec(tmp_path, tiny_cache, grid={"epochs": [1, 25]}, training={"epochs": None})
     jobs = _submit(str(spec), "--cluster", str(_profile(tmp_path)))
@@ -122,6 +176,7 @@ def test_requeued_sweep_resumes_without_retraining(slurm, tmp_path, tiny_cache):
     assert all(r["status"] == "completed" for r in collect_rows(tmp_path / "results" / "s"))
 
 
+@pytest.mark.slow
 def test_a_job_that_raises_shows_its_error_in_status(slurm, tmp_path, tiny_cache):
     data = tmp_path / "gone.h5"
     shutil.copy(tiny_cache, data)
@@ -138,6 +193,7 @@ def test_a_job_that_raises_shows_its_error_in_status(slurm, tmp_path, tiny_cache
     assert "plain-lr1e-3-s0" in r.stdout and "not started" in r.stdout
 
 
+@pytest.mark.slow
 def test_array_mode(slurm, tmp_path, tiny_cache):
     jobs_out = _cli("submit", str(_spec(tmp_path, tiny_cache)), "--cluster", str(_profile(tmp_path)),
                     "--mode", "array", "--max-concurrent", "1")
@@ -154,6 +210,7 @@ def test_array_mode(slurm, tmp_path, tiny_cache):
     assert (sweep / "tables" / "accuracy.json").is_file()
 
 
+@pytest.mark.slow
 def test_cancel_leaves_no_process(slurm, tmp_path, tiny_cache):
     spec, profile = _spec(tmp_path, tiny_cache, training={"epochs": 200}), _profile(tmp_path)
     jobs = _submit(str(spec), "--cluster", str(profile))
@@ -185,6 +242,7 @@ def _job_processes(tmp_path: Path) -> list[str]:
     return [cmd for cmd in processes("submitit") if str(tmp_path) in cmd]
 
 
+@pytest.mark.slow
 def test_fake_gpu_trial_gets_cuda_visible_devices(slurm, tmp_path, tiny_cache):
     gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
     if "gpu" not in gres:
@@ -197,6 +255,7 @@ def test_fake_gpu_trial_gets_cuda_visible_devices(slurm, tmp_path, tiny_cache):
     assert a["cuda_visible_devices"] not in (None, "")
 
 
+@pytest.mark.slow
 def test_bad_profiles_fail_before_submission(slurm, tmp_path, tiny_cache):
     spec = str(_spec(tmp_path, tiny_cache))
     cases = [({"partition": "nope"}, "partition: 'nope' does not exist on this cluster; partitions: debug"),
@@ -215,6 +274,7 @@ def test_submit_without_sbatch_says_so(tmp_path, tiny_cache):
     assert r.returncode == 2 and "sbatch not found on PATH" in r.stderr
 
 
+@pytest.mark.slow
 def test_submitit_timeout_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, tiny_cache):
     """SLURM's warning before the time limit, as submitit asks for it (--signal=USR2@signal_delay_s) and
     as submitit's own test helper sends it (`scancel --signal USR2`, SlurmJob._interrupt): submitit's
@@ -267,6 +327,7 @@ def test_submitit_timeout_signal_checkpoints_requeues_and_resumes(slurm, tmp_pat
     assert rows[short.name]["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_submit_with_an_archive_as_data(slurm, tmp_path, sources):
     """The README's SLURM example: --data names an archive; submit prepares it and hands the job the
     prepared cache, which is the same data (by content digest), not a changed spec."""
@@ -280,6 +341,7 @@ def test_submit_with_an_archive_as_data(slurm, tmp_path, sources):
     assert [r["status"] for r in collect_rows(sweep)] == ["completed", "completed"]
 
 
+@pytest.mark.slow
 def test_submit_into_a_sweep_whose_jobs_are_queued_is_refused(slurm, tmp_path, tiny_cache):
     spec = str(_spec(tmp_path, tiny_cache))
     jobs = _submit(spec, "--cluster", str(_profile(tmp_path, extra_sbatch={"begin": "now+600"})))
@@ -295,6 +357,7 @@ def test_submit_into_a_sweep_whose_jobs_are_queued_is_refused(slurm, tmp_path, t
     assert _cli("submit", spec, "--cluster", str(_profile(tmp_path))).returncode == 0  # free again
 
 
+@pytest.mark.slow
 def test_two_sweep_jobs_share_a_node(slurm, tmp_path, tiny_cache):
     """SLURM puts several users' jobs on one node: each sweep job's Ray is its own."""
     ids, sweeps = [], []

@@ -22,7 +22,6 @@ from vgg_xai.config import JobSpec
 from vgg_xai.errors import UserError
 from vgg_xai.results import collect_rows
 
-pytestmark = pytest.mark.slow
 
 
 def _spec(tmp_path: Path, cache: Path, **over) -> Path:
@@ -64,6 +63,7 @@ def _no_ray_left():
     _wait_for(lambda: not ray_processes(), 30, "Ray processes to exit")
 
 
+@pytest.mark.slow
 def test_small_sweep_completes_and_its_table_is_right(tmp_path, tiny_cache):
     proc = _sweep(_spec(tmp_path, tiny_cache))
     out, _ = proc.communicate(timeout=600)
@@ -91,6 +91,7 @@ def test_small_sweep_completes_and_its_table_is_right(tmp_path, tiny_cache):
     _no_ray_left()
 
 
+@pytest.mark.slow
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_cache):
     spec = _spec(tmp_path, tiny_cache, grid={"variant": ["bn"], "lr_schedule": ["const_1e-3"]},
                  training={"epochs": 8}, retries=2)
@@ -115,6 +116,7 @@ RAY_NOISE = ("Tuner.restore", "Failed to fetch metrics", "Token authentication",
              "Stop signal received")
 
 
+@pytest.mark.slow
 def test_one_ctrl_c_stops_the_sweep_quietly_and_the_rerun_continues(tmp_path, tiny_cache):
     """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group, once. Meanwhile
     `vgg-xai status` and `status --watch` follow the sweep from another process."""
@@ -212,6 +214,7 @@ def test_a_ctrl_c_swallowed_on_its_way_up_stays_noted():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.slow
 def test_a_trial_that_fails_for_good_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_cache):
     spec = _spec(tmp_path, tiny_cache, grid={"variant": ["bn"], "lr_schedule": ["const_1e-3"], "seed": [0, 1]},
                  retries=1)
@@ -333,6 +336,7 @@ def test_dry_run_of_the_seed_study_plans_on_any_machine(tmp_path):
     assert r.returncode == 2 and "--data: " in r.stderr and "no such file or folder" in r.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_says_when_the_real_run_would_be_refused(tmp_path, tiny_cache):
     one = {"grid": {"variant": ["bn"], "lr_schedule": ["const_1e-3"]}, "training": {"epochs": 1}}
     assert _cli("sweep", str(_spec(tmp_path, tiny_cache, **one))).returncode == 0
@@ -346,6 +350,7 @@ def test_dry_run_says_when_the_real_run_would_be_refused(tmp_path, tiny_cache):
     assert r.returncode == 2 and "the spec changed" in r.stderr
 
 
+@pytest.mark.slow
 def test_the_data_is_known_by_its_content_not_by_the_path_that_named_it(tmp_path, sources):
     """A first run with --data an archive, the next with the cache it was prepared into: the same sweep."""
     cache = tmp_path / "cache.h5"
@@ -396,6 +401,7 @@ def _running(procs: list) -> list:
     return out
 
 
+@pytest.mark.slow
 def test_one_driver_per_sweep_and_a_killed_driver_leaves_nothing_running(tmp_path, tiny_cache):
     spec = _spec(tmp_path, tiny_cache, grid={"lr_schedule": ["const_1e-3"]}, training={"epochs": 12})
     trials = tmp_path / "results" / "t" / "trials"
@@ -438,6 +444,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_rerun_continues(small_disk, tmp_path, tiny_cache):
     # 60 of the 100 MB taken: two trials' checkpoints (8.8 MB each, the one before kept) fit for one
     # epoch, not for three.
@@ -468,6 +475,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_continues(small_disk, tmp_path, t
     _no_ray_left()
 
 
+@pytest.mark.slow
 def test_another_users_ray_is_neither_counted_nor_stopped(tmp_path, tiny_cache):
     """A shared machine is the normal machine: a Ray these tests did not start (its processes lack
     their mark) is invisible to ray_processes(), and a sweep beside it neither joins nor stops it."""
@@ -517,6 +525,7 @@ def test_another_users_ray_is_neither_counted_nor_stopped(tmp_path, tiny_cache):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_an_address_where_nothing_answers_is_one_line(tmp_path, tiny_cache):
     from vgg_xai.runtime import ADDRESS_TIMEOUT_S, free_port
 

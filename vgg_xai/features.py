@@ -80,3 +80,17 @@ def read(path: str | Path) -> FeatureDump:
             versions=json.loads(f.attrs["versions"]), git_commit=str(f.attrs["git_commit"]),
             precision=str(f.attrs.get("precision", "unknown")),
         )
+
+
+def read_provenance(path: str | Path) -> dict[str, Any]:
+    """The attributes alone, without the arrays: config and versions as dicts ({} where they do not parse),
+    the others (schema, classes, git_commit, created, precision) as text. Raises OSError where the file
+    does not open as HDF5."""
+    with h5py.File(path, "r") as f:
+        attrs: dict[str, Any] = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.attrs.items()}
+    for k in ("versions", "config"):
+        try:
+            attrs[k] = json.loads(attrs.get(k, "{}"))
+        except ValueError:
+            attrs[k] = {}
+    return attrs

@@ -8,10 +8,10 @@ recorded for the trial in ``slurm/jobs.json`` (one per `vgg-xai submit --mode ar
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import UserError
+from .trial_folder import Damaged, read_jobs
 
 SHOWN_IDS = 5  # trial ids named when the one asked for is not there
 
@@ -27,15 +27,8 @@ def _text(path: Path) -> str:
 
 def _array_jobs(sweep_dir: Path, trial_id: str) -> list[str]:
     """The SLURM array tasks (job ids like 12_3) recorded for the trial, oldest submission first."""
-    from .slurm import JOBS
-
-    path = sweep_dir / JOBS
-    try:
-        records = json.loads(path.read_text()) if path.is_file() else []
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e}); the SLURM outputs are under {sweep_dir / 'slurm'}") from None
-    return [j["job_id"] for r in records for j in r.get("jobs", [])
-            if j.get("role") == "trial" and j.get("trial_id") == trial_id]
+    return [j["job_id"] for r in read_jobs(sweep_dir) for j in r["jobs"]
+            if j["role"] == "trial" and j.get("trial_id") == trial_id]
 
 
 def trial_logs(sweep_dir: str | Path, trial_id: str) -> str:
@@ -57,7 +50,12 @@ def trial_logs(sweep_dir: str | Path, trial_id: str) -> str:
     log = trial_dir / "trial.log"
     if log.is_file():
         parts.append(f"{_heading('trial.log', log)}\n{_text(log)}")
-    for job in _array_jobs(sweep_dir, trial_id):
+    try:
+        jobs = _array_jobs(sweep_dir, trial_id)
+    except Damaged as e:  # the trial's own log still shows; SLURM's outputs are under slurm/
+        jobs = []
+        parts.append(f"{_heading('SLURM array tasks', sweep_dir / 'slurm')}\nnot read: {e}\n")
+    for job in jobs:
         folder = sweep_dir / "slurm" / job  # submitit's folder for array task A_i: slurm/A_i/
         files = sorted(folder.glob(f"{job}_*_log.out")) + sorted(folder.glob(f"{job}_*_log.err"))
         if not files:

@@ -1,9 +1,10 @@
 """report.html: one page per sweep, light enough to open at once (no network, no scripts).
 
 Tables first (pivots with the best cell marked, the trials, the interpretation scores beside their
-baselines), then where the results come from (a provenance block), then every figure as a small
-inline thumbnail that links to its full PNG by a path relative to the sweep folder: the page keeps
-working when the folder is copied, and `vgg-xai results pull` copies those PNGs with it.
+baselines), then where the results come from (a provenance block), then every figure as an inline
+thumbnail, small but at a size its labels read at (THUMB_SCALE), that links to its full PNG by a path
+relative to the sweep folder: the page keeps working when the folder is copied, and `vgg-xai results
+pull` copies those PNGs with it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import time
 from collections import Counter
@@ -22,6 +22,7 @@ from urllib.parse import quote
 from . import trial_folder
 from .atomic import atomic_write_text
 from .compare import compare, spec_reference
+from .features import read_provenance
 from .postprocess import IMAGES_RULE
 from .results import DAGGER, best_cells, cell_text, collect_rows, fmt_value, ordered, pivot, read_interpretation
 
@@ -72,9 +73,16 @@ BASELINES = {"deletion_auc": "deletion_auc_random", "insertion_auc": "insertion_
              "sanity_rho": "sanity_floor", "sanity_abs_rank_rho": "sanity_abs_floor"}
 BASELINE_NAMES = {"deletion_auc_random": "random", "insertion_auc_random": "random", "sanity_floor": "floor",
                   "sanity_abs_floor": "floor"}
-THUMB_PX = 400  # the longest side of a trial figure's inline thumbnail
-SWEEP_THUMB_PX = 800  # the sweep figures are grids of every trial: a larger thumbnail
-THUMB_QUALITY = 75
+# An inline thumbnail is its figure scaled by one factor, not to one size, so that its text reads at one
+# size whatever the figure's: viz draws at 100 dpi, where 10-point text is 14 px high and 7-point ticks 10 px;
+# at 0.65 they are 9 and 6.3 px, as small as labels read on a screen. The sweep's figures, grids of every
+# trial with the smallest labels, are scaled less. None is wider than the page's column.
+THUMB_SCALE = 0.65
+SWEEP_THUMB_SCALE = 0.8
+PAGE_PX = 1340  # the column's width in a 1,400 px window: less body's padding and a scrollbar
+# WebP's quality and its slowest, smallest method: text stays sharp at these sizes and a trial's 14 figures
+# weigh about 230 kB (10 trials of jobs/cpu.yaml: 3.2 MB in all, 0.8 s a trial to encode).
+THUMB_QUALITY, WEBP_METHOD = 40, 6
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
@@ -83,7 +91,7 @@ th{background:#f3f3f3} td:first-child,th:first-child,td.text,th.text{text-align:
 td.best{font-weight:bold;background:#e3f3e3} tr.degenerate td{background:#fff3e0} .base{display:block;color:#777;font-size:.85em}
 .figs{display:flex;flex-wrap:wrap;gap:.6em;align-items:flex-start}
 figure{margin:0;max-width:100%} figure img{max-width:100%;height:auto;border:1px solid #ddd}
-figcaption{font-size:.85em;color:#555;max-width:400px} .muted{color:#777} .foot{font-size:.85em;color:#555}
+figcaption{font-size:.85em;color:#555} .muted{color:#777} .foot{font-size:.85em;color:#555}
 .banner{border-left:4px solid #e08a00;background:#fff3e0;padding:.4em .8em;margin:.6em 0}
 .banner ul{margin:.2em 0} pre{background:#f7f7f7;padding:.6em;overflow:auto}
 table.kv td:first-child{font-weight:bold;white-space:nowrap;vertical-align:top} table.kv td{text-align:left}
@@ -94,28 +102,33 @@ nav a{margin-right:1em} .wide{overflow-x:auto} table.interp td{white-space:nowra
 # ---------------------------------------------------------------------------- figures
 
 
-def _thumbnail(path: Path, px: int) -> tuple[str, int, int]:
-    """A small copy of a PNG as a data URI (WebP, or JPEG where Pillow has no WebP) and its size."""
+def _thumbnail(path: Path, scale: float) -> tuple[str, int, int]:
+    """A PNG scaled by ``scale`` (no wider than the page) as a data URI (WebP, or JPEG where Pillow has no
+    WebP), and its size."""
     from PIL import Image, features
 
     with Image.open(path) as im:
         rgba = im.convert("RGBA")
     flat = Image.new("RGB", rgba.size, "white")
     flat.paste(rgba, mask=rgba.getchannel("A"))
-    flat.thumbnail((px, px), Image.Resampling.LANCZOS)
+    scale = min(scale, PAGE_PX / flat.width, 1.0)
+    if scale < 1:
+        flat = flat.resize((round(flat.width * scale), round(flat.height * scale)), Image.Resampling.LANCZOS)
     fmt = "WEBP" if features.check("webp") else "JPEG"
     buf = io.BytesIO()
-    flat.save(buf, fmt, quality=THUMB_QUALITY)
+    flat.save(buf, fmt, quality=THUMB_QUALITY, **({"method": WEBP_METHOD} if fmt == "WEBP" else {}))
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f"data:image/{fmt.lower()};base64,{data}", flat.width, flat.height
 
 
-def _figure(sweep_dir: Path, path: Path, caption: str, px: int = THUMB_PX) -> str:
-    """A thumbnail that links to the full PNG, by its path relative to the sweep folder."""
-    src, w, h = _thumbnail(path, px)
+def _figure(sweep_dir: Path, path: Path, caption: str, scale: float = THUMB_SCALE) -> str:
+    """A thumbnail that links to the full PNG, by its path relative to the sweep folder; its caption wraps
+    at the thumbnail's width."""
+    src, w, h = _thumbnail(path, scale)
     href = html.escape(quote(path.relative_to(sweep_dir).as_posix()))
     cap = html.escape(caption)
-    return (f'<figure><a href="{href}"><img src="{src}" width="{w}" height="{h}" alt="{cap}"></a>'
+    return (f'<figure style="width:{w + 2}px"><a href="{href}">'  # + 2: the image's border
+            f'<img src="{src}" width="{w}" height="{h}" alt="{cap}"></a>'
             f'<figcaption>{cap} (<a href="{href}">full size</a>)</figcaption></figure>')
 
 
@@ -273,19 +286,10 @@ def _dump_attrs(trial_dir: Path) -> dict[str, Any]:
     path = trial_dir / "features.h5"
     if not path.is_file():
         return {}
-    import h5py
-
     try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.attrs.items()}
+        return read_provenance(path)
     except OSError:
         return {}
-    for k in ("versions", "config"):
-        try:
-            attrs[k] = json.loads(attrs.get(k, "{}"))
-        except ValueError:
-            attrs[k] = {}
-    return attrs
 
 
 def _when(t: float | None) -> str:
@@ -303,14 +307,11 @@ def _counted(values: list[str], empty: str = "not recorded") -> str:
 
 
 def _slurm_jobs(sweep_dir: Path) -> list[str]:
-    """'ROLE ID' of every job slurm/jobs.json records as submitted for the sweep."""
-    path = sweep_dir / "slurm" / "jobs.json"
+    """'ROLE ID' of every job recorded as submitted for the sweep; the one line where the record is damaged."""
     try:
-        record = json.loads(path.read_text()) if path.is_file() else []
-    except ValueError:
-        return []
-    return [f"{j.get('role', 'job')} {j.get('job_id')}" for sub in record if isinstance(sub, dict)
-            for j in sub.get("jobs", []) if isinstance(j, dict)]
+        return [f"{j['role']} {j['job_id']}" for sub in trial_folder.read_jobs(sweep_dir) for j in sub["jobs"]]
+    except trial_folder.Damaged as e:
+        return [f"not read: {e}"]
 
 
 def _spec_data(sweep_dir: Path) -> dict[str, Any]:
@@ -492,7 +493,8 @@ def build_html(sweep_dir: Path) -> str:
              "<nav>" + "".join(f'<a href="#{html.escape(a)}">{html.escape(t)}</a>' for a, t in sections) + "</nav>",
              '<h2 id="results">Results</h2><h3>Test accuracy</h3>', _pivot_table(accuracy)]
     # What a reader looks at first: the accuracy, its chart and curves, the trials; the rest below.
-    parts.append(_figures([_figure(sweep_dir, sweep_dir / "figures" / f"{fig}.png", SWEEP_FIGURES[fig], SWEEP_THUMB_PX)
+    parts.append(_figures([_figure(sweep_dir, sweep_dir / "figures" / f"{fig}.png", SWEEP_FIGURES[fig],
+                                   SWEEP_THUMB_SCALE)
                            for fig in FIRST_FIGURES if (sweep_dir / "figures" / f"{fig}.png").is_file()]))
     columns = [c for c in ("trial_id", "variant", "lr_schedule", "seed", "status", "degenerate", "epochs",
                            "best_valid_acc", "best_epoch", "test_acc", "wall_s", "note")
@@ -521,7 +523,7 @@ def build_html(sweep_dir: Path) -> str:
     parts += ['<h2 id="provenance">Provenance</h2>', _provenance(sweep_dir, rows, prov)]
 
     parts.append('<h2 id="figures">Figures</h2>')
-    parts.append(_figures([_figure(sweep_dir, sweep_dir / "figures" / f"{fig}.png", caption, SWEEP_THUMB_PX)
+    parts.append(_figures([_figure(sweep_dir, sweep_dir / "figures" / f"{fig}.png", caption, SWEEP_THUMB_SCALE)
                            for fig, caption in SWEEP_FIGURES.items()
                            if fig not in FIRST_FIGURES and (sweep_dir / "figures" / f"{fig}.png").is_file()]))
     for v in variants:

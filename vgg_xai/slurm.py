@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import re
 import shutil
@@ -31,8 +32,7 @@ from . import runtime
 from .trial_folder import TESTED
 from .errors import UserError
 from .locks import driving
-
-JOBS = "slurm/jobs.json"
+from .trial_folder import Damaged, add_submission, read_jobs
 
 
 # ---------------------------------------------------------------------------- checks
@@ -258,16 +258,32 @@ class PostprocessJob:
 
 # ---------------------------------------------------------------------------- submit
 
-def _executor(folder: Path, profile: ClusterProfile, name: str, *, nodes: int, cpus: int, gpus: int,
-              dependency: str | None = None) -> submitit.AutoExecutor:
-    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+def job_parameters(profile: ClusterProfile, spec: JobSpec, role: str, *, after: str | None = None,
+                   tasks: int = 0, max_concurrent: int | None = None) -> dict[str, Any]:
+    """What submit gives submitit's ``update_parameters`` for one job of a submission, from the cluster
+    profile and the job spec alone (no SLURM is asked):
+
+    - ``sweep`` (mode ray): the profile's nodes, each one task with its CPUs and GPUs (a Ray node each);
+    - ``trial`` (mode array): the array of ``tasks`` trials, each one node with the whole CPUs and GPUs a
+      trial asks for, at most ``max_concurrent`` of them at once (all, where None);
+    - ``postprocess``: one node, the profile's CPUs, no GPU, after any outcome of job ``after``.
+    """
+    if role == "sweep":
+        nodes, cpus, gpus = profile.nodes, profile.cpus_per_task, profile.gpus_per_node
+    elif role == "trial":  # a task gets whole CPUs and GPUs
+        nodes, cpus, gpus = 1, max(1, math.ceil(spec.cpu)), math.ceil(spec.gpu)
+    elif role == "postprocess":
+        nodes, cpus, gpus = 1, profile.cpus_per_task, 0
+    else:
+        raise ValueError(f"role {role!r} is not one of sweep, trial, postprocess")
     extra = dict(profile.extra_sbatch)
-    if dependency:
-        extra["dependency"] = dependency
-    setup = [f"export {k}={json.dumps(v)}" for k, v in profile.env.items()] + list(profile.setup)
+    if role == "postprocess":
+        extra["dependency"] = f"afterany:{after}"  # whatever the sweep's outcome: never pending for ever
     params: dict[str, Any] = dict(
-        name=name, nodes=nodes, tasks_per_node=1, cpus_per_task=cpus, timeout_min=profile.time_min,
-        slurm_signal_delay_s=profile.signal_delay_s, slurm_additional_parameters=extra, slurm_setup=setup,
+        name=f"vgg-xai-{spec.name}" + ("-post" if role == "postprocess" else ""), nodes=nodes, tasks_per_node=1,
+        cpus_per_task=cpus, timeout_min=profile.time_min, slurm_signal_delay_s=profile.signal_delay_s,
+        slurm_additional_parameters=extra,
+        slurm_setup=[f"export {k}={json.dumps(v)}" for k, v in profile.env.items()] + list(profile.setup),
     )
     if gpus:
         params["gpus_per_node"] = gpus
@@ -276,6 +292,13 @@ def _executor(folder: Path, profile: ClusterProfile, name: str, *, nodes: int, c
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(profile, key):
             params[f"slurm_{key}"] = getattr(profile, key)
+    if role == "trial":
+        params["slurm_array_parallelism"] = max_concurrent or tasks
+    return params
+
+
+def _executor(folder: Path, params: dict[str, Any]) -> submitit.AutoExecutor:
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     ex.update_parameters(**params)
     return ex
 
@@ -298,32 +321,25 @@ def submit(spec: JobSpec, profile: ClusterProfile, *, data: str | None = None, m
     with driving(sweep_dir):  # no local driver on it now, and none while the folder is prepared
         plan = sweep.plan(spec, data=data, force_new=force_new, check_local=False)
     folder = plan.sweep_dir / "slurm"
-    name = f"vgg-xai-{spec.name}"
     jobs = []
     if mode == "ray":
-        ex = _executor(folder, profile, name, nodes=profile.nodes, cpus=profile.cpus_per_task,
-                       gpus=profile.gpus_per_node)
-        job = ex.submit(SweepJob(spec, str(plan.data)))
+        job = _executor(folder, job_parameters(profile, spec, "sweep")).submit(SweepJob(spec, str(plan.data)))
         jobs.append({"role": "sweep", "job_id": job.job_id})
         after = job.job_id
     else:
         pending = plan.pending()
         if not pending:
             raise UserError(f"{plan.sweep_dir}: every trial has finished; nothing to submit")
-        gpus = int(-(-spec.gpu // 1))  # a task gets whole GPUs
-        ex = _executor(folder, profile, name, nodes=1, cpus=max(1, int(-(-spec.cpu // 1))), gpus=gpus)
-        ex.update_parameters(slurm_array_parallelism=max_concurrent or len(pending))
+        params = job_parameters(profile, spec, "trial", tasks=len(pending), max_concurrent=max_concurrent)
+        ex = _executor(folder, params)
         with ex.batch():
             array = [ex.submit(TrialTask(str(plan.trial_dir(t))), c.to_dict()) for t, c in pending]
         jobs += [{"role": "trial", "job_id": j.job_id, "trial_id": t} for j, (t, _) in zip(array, pending)]
         after = array[0].job_id.split("_")[0]
-    post = _executor(folder, profile, f"{name}-post", nodes=1, cpus=profile.cpus_per_task, gpus=0,
-                     dependency=f"afterany:{after}")  # whatever the sweep's outcome: never pending for ever
-    pjob = post.submit(PostprocessJob(str(plan.sweep_dir)))
+    pjob = _executor(folder, job_parameters(profile, spec, "postprocess", after=after)).submit(
+        PostprocessJob(str(plan.sweep_dir)))
     jobs.append({"role": "postprocess", "job_id": pjob.job_id})
-    record = _read_jobs(plan.sweep_dir)
-    record.append({"submitted": time.time(), "mode": mode, "jobs": jobs})
-    atomic_write_text(plan.sweep_dir / JOBS, json.dumps(record, indent=2))
+    add_submission(plan.sweep_dir, mode, jobs)
     return {"sweep_dir": str(plan.sweep_dir), "mode": mode, "jobs": jobs}
 
 
@@ -334,7 +350,7 @@ def active_jobs(sweep_dir: Path) -> list[str]:
     a job whose begin time is still ahead. By base id, since squeue shows an array's pending tasks
     as one line (12_[0-3]).
     """
-    ids = {j["job_id"].split("_")[0] for record in _read_jobs(sweep_dir) for j in record["jobs"]}
+    ids = {j["job_id"].split("_")[0] for record in read_jobs(sweep_dir) for j in record["jobs"]}
     if not ids:
         return []
     queue = _run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T"])
@@ -342,15 +358,10 @@ def active_jobs(sweep_dir: Path) -> list[str]:
             if jid.split("_")[0] in ids]
 
 
-def _read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    path = Path(sweep_dir) / JOBS
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 def _latest_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    record = _read_jobs(Path(sweep_dir))
+    record = read_jobs(Path(sweep_dir))
     if not record:
-        raise UserError(f"{sweep_dir}: no SLURM jobs recorded (slurm/jobs.json); submit with `vgg-xai submit`")
+        raise UserError(f"{sweep_dir}: no SLURM jobs recorded; submit with `vgg-xai submit`")
     return record[-1]["jobs"]
 
 
@@ -373,9 +384,13 @@ def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
 
 def jobs_view(sweep_dir: str | Path) -> tuple[list[str], bool]:
     """What `vgg-xai status` shows of a sweep's SLURM jobs: their lines (none for a sweep never
-    submitted), and whether any of them is still queued or running."""
-    if not _read_jobs(Path(sweep_dir)):
-        return [], False
+    submitted), and whether any of them is still queued or running. A damaged record is one line
+    (the trials are read from their folders all the same)."""
+    try:
+        if not read_jobs(Path(sweep_dir)):
+            return [], False
+    except Damaged as e:
+        return [f"SLURM jobs not read: {e}"], False
     return job_lines(sweep_dir), bool(active_jobs(Path(sweep_dir)))
 
 

@@ -6,10 +6,14 @@
     attempts.jsonl  one JSON object per attempt to train it: host, pid, start epoch, time, Ray, SLURM
     error.txt       the last attempt's error, where every attempt failed
 
+and the sweep-level record beside them (in the sweep folder):
+
+    slurm/jobs.json every SLURM submission of the sweep, oldest first: its time, mode and jobs
+
 Each file has one writer here too (atomic: a temporary file, then a rename; attempts.jsonl is appended
-a line at a time). Every reader has one policy for a damaged file (cut short by a full disk or a killed copy, garbage
-bytes, a record of the wrong shape or with values of the wrong type): it raises `Damaged`, whose one
-line names the file, what is wrong with it and what to do. A table or a status view shows that trial
+a line at a time). Every reader has one policy for a damaged file (cut short by a full disk or a killed
+copy, garbage bytes, a record of the wrong shape or with values of the wrong type): it raises `Damaged`,
+whose one line names the file, what is wrong with it and what to do. A table or a status view shows that trial
 as `damaged` with that line and reads every other trial. A missing file is not damage: it is None
 (or no rows), as for a trial that has not got so far.
 """
@@ -20,10 +24,12 @@ import csv
 import io
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
+from .errors import UserError
 
 CONFIG, RESULT, HISTORY, ATTEMPTS, ERROR = "config.json", "result.json", "history.csv", "attempts.jsonl", "error.txt"
 CHECKPOINT = "checkpoint.pt"  # the latest epoch's (checkpoint.py writes and reads checkpoints)
@@ -41,15 +47,21 @@ FIX = {
     HISTORY: "restore it from a copy, or delete the trial folder and run the sweep command again to retrain it",
     ATTEMPTS: "restore it from a copy, or delete it (it records where the trial ran, not its results)",
     "metrics.json": "run `vgg-xai postprocess` again: it redoes an interpretation that does not read",
+    "jobs.json": "restore it from a copy, or delete it (it records which SLURM jobs ran the sweep; "
+                 "sacct still lists them)",
 }
 
 
-class Damaged(Exception):
-    """A trial file that does not read as what it should be; str() is the one line to show."""
+class Damaged(UserError):
+    """A trial or sweep file that does not read as what it should be; str() is the one line to show
+    (a command that cannot go on without the file stops with it, as with any UserError)."""
 
     def __init__(self, path: Path, why: str):
         super().__init__(f"{path}: {why}; {FIX.get(path.name, 'restore it or delete it')}")
         self.path, self.why = path, why
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return type(self), (self.path, self.why)
 
 
 def _text(path: Path) -> str | None:
@@ -63,12 +75,16 @@ def _text(path: Path) -> str | None:
         raise Damaged(path, f"cannot be read ({e.strerror})") from None
 
 
-def _json_object(path: Path, text: str, what: str) -> dict[str, Any]:
+def _json(path: Path, text: str) -> Any:
     try:
-        d = json.loads(text)
+        return json.loads(text)
     except ValueError as e:
         cut = " (cut short?)" if "Unterminated" in str(e) or "Expecting" in str(e) else ""
         raise Damaged(path, f"not valid JSON{cut}: {e}") from None
+
+
+def _json_object(path: Path, text: str, what: str) -> dict[str, Any]:
+    d = _json(path, text)
     if not isinstance(d, dict):
         raise Damaged(path, f"{what} is a JSON {type(d).__name__}, not an object")
     return d
@@ -223,3 +239,36 @@ def trial_dirs(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
         return found, []
     names = set(map(str, listed))
     return [d for d in found if d.name in names], [d for d in found if d.name not in names]
+
+
+# ---------------------------------------------------------------------------- the sweep's records
+
+JOBS = "slurm/jobs.json"
+
+
+def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """slurm/jobs.json's submissions, oldest first ([] for a sweep never submitted): each an object with
+    submitted (a time), mode and jobs, a list of objects whose role and job_id (and trial_id, for an array
+    task) are strings."""
+    path = Path(sweep_dir) / JOBS
+    text = _text(path)
+    if text is None:
+        return []
+    record = _json(path, text)
+    if not isinstance(record, list):
+        raise Damaged(path, f"the record is a JSON {type(record).__name__}, not a list of submissions")
+    for i, sub in enumerate(record, 1):
+        if not isinstance(sub, dict) or not isinstance(sub.get("jobs"), list):
+            raise Damaged(path, f"submission {i} is not an object with a list of jobs")
+        for j in sub["jobs"]:
+            if not (isinstance(j, dict) and isinstance(j.get("role"), str) and isinstance(j.get("job_id"), str)
+                    and isinstance(j.get("trial_id", ""), str)):
+                raise Damaged(path, f"submission {i}: job {j!r} is not an object with a role and a job_id (strings)")
+    return record
+
+
+def add_submission(sweep_dir: Path, mode: str, jobs: list[dict[str, str]]) -> None:
+    """Append one submission (its jobs: role, job_id, and trial_id for an array task) to slurm/jobs.json."""
+    record = read_jobs(sweep_dir)
+    record.append({"submitted": time.time(), "mode": mode, "jobs": jobs})
+    atomic_write_text(Path(sweep_dir) / JOBS, json.dumps(record, indent=2))
