@@ -59,17 +59,16 @@ REFUSED_HERE = {
 }
 # README commands this module does not run, and why; each is reported as a skip with its reason.
 # The README's seed-to-seed spread of the CPU study: two of its cells over five seeds.
-SEEDS = ("vgg-xai sweep jobs/cpu.yaml --data PATH/TO/cifar10 --set name=cpu-seeds --set 'grid.variant=[plain, bn]' "
-         "--set 'grid.lr_schedule=[const_1e-3]' --set 'grid.seed=[0, 1, 2, 3, 4]'")
+SEEDS = "vgg-xai sweep jobs/cpu-seeds.yaml --data PATH/TO/cifar10"
 NOT_RUN_HERE = {
     "vgg-xai sweep jobs/cpu.yaml --data PATH/TO/cifar10":
         "the CPU study trains 15 trials on 40,000 images (about 25 minutes on 2 cores); "
         "test_the_cpu_study_plans checks its spec, and the smoke study runs the same code",
-    SEEDS: "it trains 10 trials of the CPU study (about a quarter of an hour on 2 cores); "
-           "test_the_cpu_study_plans checks what it plans",
-    "vgg-xai results results/cpu results/cpu-seeds --compare":
-        "it reads the two CPU-study sweeps above (about 40 minutes of training on 2 cores); test_compare.py pools "
-        "two sweep folders and compares their cells the same way",
+    SEEDS: "it grows the CPU study by 8 trials (about 12 minutes on 2 cores) after the CPU study itself; "
+           "test_the_cpu_study_plans checks what it plans, test_grow.py grows sweeps the same way",
+    "vgg-xai results results/cpu --compare":
+        "it reads the grown CPU study above (about 35 minutes of training on 2 cores); test_compare.py compares "
+        "the cells of a sweep the same way",
     "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu":
         "it downloads torch's CPU build from download.pytorch.org (tests talk only to 127.0.0.1) and would "
         "replace this environment's torch",
@@ -237,12 +236,14 @@ def test_the_cpu_study_plans(walk):
 
     spec = JobSpec.from_yaml(REPO / "jobs" / "cpu.yaml")
     assert spec.data.get("train_size") is None  # the full 40,000-image training split
-    r = walk.run(SEEDS.replace("PATH/TO/cifar10", str(SHARED_DATA)).replace(" --set", " --dry-run --set", 1))
+    r = walk.run(SEEDS.replace("PATH/TO/cifar10", str(SHARED_DATA)) + " --dry-run")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("sweep cpu-seeds: 10 trials, 1 CPU and 0 GPU each"), r.stdout
+    assert r.stdout.startswith("sweep cpu: 23 trials, 1 CPU and 0 GPU each"), r.stdout  # the same sweep, grown
     trials = [x.split()[0] for x in r.stdout.splitlines() if x.endswith("[to run]")]
-    assert trials == [f"{v}-lr1e-3-s{k}" for v in ("plain", "bn") for k in range(5)], r.stdout
-    assert r.stdout.count("vgg11_cifar width 0.125 mlp epochs 3  [to run]") == 10, r.stdout
+    assert trials[15:] == [f"{v}-lr1e-3-s{k}" for v in ("plain", "bn") for k in range(1, 5)], r.stdout
+    assert r.stdout.count("vgg11_cifar width 0.125 mlp epochs 3  [to run]") == 23, r.stdout
+    cpu = {t for t, _ in spec.trials("x")}
+    assert cpu <= {t for t, _ in JobSpec.from_yaml(REPO / "jobs" / "cpu-seeds.yaml").trials("x")}  # all kept
 
 
 @pytest.mark.slow
