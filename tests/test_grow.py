@@ -140,20 +140,42 @@ def test_more_epochs_continue_bitwise_as_if_trained_that_long(tmp_path, tiny_cac
 
 @pytest.mark.slow
 def test_growing_a_sweep_trains_only_the_new_trials(tmp_path, tiny_cache):
-    """End to end with `vgg-xai sweep` on Ray: a sweep, then a growth, then a growth after a killed driver."""
-    def cli(_spec_written: JobSpec) -> subprocess.CompletedProcess:  # _spec wrote it to tmp_path/spec.yaml
-        return subprocess.run([sys.executable, "-m", "vgg_xai.cli", "sweep", str(tmp_path / "spec.yaml")],
-                              capture_output=True, text=True, timeout=900)
+    """End to end with `vgg-xai sweep` on Ray: a sweep; a growth by one seed; a growth to more epochs whose
+    driver is killed (SIGKILL) mid-way, then run again. Nothing finished is ever trained again."""
+    from test_sweep import _descendants, _no_ray_left, _running, _wait_for
 
-    first = _spec(tmp_path, tiny_cache, {"variant": ["plain", "bn"], "lr_schedule": ["const_1e-3"]})
-    r = cli(first)
+    sweep_dir, grid = tmp_path / "results" / "g", {"variant": ["plain", "bn"], "lr_schedule": ["const_1e-3"]}
+    trials = sweep_dir / "trials"
+
+    def cli(spec: JobSpec, background: bool = False):  # _spec wrote the spec to tmp_path/spec.yaml
+        argv = [sys.executable, "-m", "vgg_xai.cli", "sweep", str(tmp_path / "spec.yaml")]
+        if background:
+            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=900)
+
+    r = cli(_spec(tmp_path, tiny_cache, grid))
     assert r.returncode == 0, r.stderr
-    trials = Path(tmp_path / "results" / "g" / "trials")
-    grown = _spec(tmp_path, tiny_cache, [{"variant": ["plain", "bn"], "lr_schedule": ["const_1e-3"]},
-                                         {**BN, "seed": [1]}])
-    r = cli(grown)
+    r = cli(_spec(tmp_path, tiny_cache, [grid, {**BN, "seed": [1]}]))
     assert r.returncode == 0, r.stderr
-    assert "sweep g: +1 new trials, 2 kept, 0 retrained" in r.stderr
+    assert "sweep g: +1 new trials, 2 kept, 0 retrained" in r.stderr and "1 trials to run, 2 finished earlier" in r.stdout
     assert {d.name: len(_attempts(d)) for d in trials.iterdir()} == {"plain-lr1e-3-s0": 1, "bn-lr1e-3-s0": 1,
                                                                     "bn-lr1e-3-s1": 1}
-    assert len(collect_rows(trials.parent)) == 3
+
+    longer = _spec(tmp_path, tiny_cache, [grid, {**BN, "seed": [1]}], epochs=6)
+    driver = cli(longer, background=True)
+    _wait_for(lambda: any(len(_attempts(d)) > 1 and checkpoint.load(d / "checkpoint.pt")["epoch"] >= 2
+                          for d in trials.iterdir()), 600, "a trial past its second epoch", driver)
+    ray = _descendants(driver.pid)
+    driver.kill()  # as a terminal that is closed or a node that dies: no handler runs
+    driver.communicate()
+    _wait_for(lambda: not _running(ray), 30, "the killed driver's Ray processes to exit")
+
+    r = cli(longer)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sweep g: +0 new trials, 0 kept, 0 retrained, 3 continued" in r.stderr, r.stderr
+    for d in trials.iterdir():
+        starts = [a["start_epoch"] for a in _attempts(d)]
+        assert starts.count(0) == 1 and starts[1] == 1, (d.name, starts)  # from scratch once, then on from epoch 1
+    rows = collect_rows(sweep_dir)
+    assert [(r["status"], r["epochs"]) for r in rows] == [("completed", 6)] * 3
+    _no_ray_left()
