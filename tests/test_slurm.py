@@ -375,3 +375,41 @@ def test_two_sweep_jobs_share_a_node(slurm, tmp_path, tiny_cache):
     assert s1 < e0 and s0 < e1, times  # the two sweep jobs ran at the same time
     clusters = [_attempts(s / "trials" / "bn-lr1e-3-s0")[0]["ray"] for s in sweeps]
     assert all(clusters) and clusters[0] != clusters[1]  # two Ray clusters, one a job
+
+
+@pytest.mark.slow
+def test_a_grown_spec_submits_only_what_has_to_run(slurm, tmp_path, tiny_cache):
+    """Two growths in a row on SLURM: an array of only the new trials, then a Ray job that takes every trial
+    to more epochs; a growth submitted while that job is queued is refused."""
+    grid = {"variant": ["plain", "bn"], "lr_schedule": ["const_1e-3"]}
+    bn_seeds = {"variant": ["bn"], "lr_schedule": ["const_1e-3"], "seed": [1, 2]}
+    cluster, sweep = str(_profile(tmp_path)), tmp_path / "results" / "s"
+    first = _submit(str(_spec(tmp_path, tiny_cache)), "--cluster", cluster, "--mode", "array")
+    _wait_states(list(first.values()))
+
+    r = _cli("submit", str(_spec(tmp_path, tiny_cache, grid=[grid, bn_seeds])), "--cluster", cluster, "--mode", "array")
+    assert r.returncode == 0, r.stderr
+    assert "sweep s: +2 new trials, 2 kept, 0 retrained" in r.stderr
+    tasks = [line.split()[1] for line in r.stdout.splitlines() if line.split()[0] == "trial"]
+    assert len(tasks) == 2  # an array of the two new trials only
+    post = [line.split()[1] for line in r.stdout.splitlines() if line.split()[0] == "postprocess"]
+    assert set(_wait_states(tasks + post).values()) == {"COMPLETED"}
+    assert {d.name: len(_attempts(d)) for d in (sweep / "trials").iterdir()} == dict.fromkeys(
+        ["plain-lr1e-3-s0", "bn-lr1e-3-s0", "bn-lr1e-3-s1", "bn-lr1e-3-s2"], 1)
+
+    longer = str(_spec(tmp_path, tiny_cache, grid=[grid, bn_seeds], training={"epochs": 2}))
+    queued = _submit(longer, "--cluster", str(_profile(tmp_path, extra_sbatch={"begin": "now+600"})))
+    cluster = str(_profile(tmp_path))  # the same file again, without the delay
+    try:
+        more = _spec(tmp_path, tiny_cache, grid=[grid, {**bn_seeds, "seed": [1, 2, 3]}], training={"epochs": 2})
+        r = _cli("submit", str(more), "--cluster", cluster)
+        assert r.returncode == 2 and "still queued or running" in r.stderr, r.stderr
+    finally:
+        _cli("cancel", str(sweep))
+    _wait_states(list(queued.values()))
+    jobs = _submit(str(_spec(tmp_path, tiny_cache, grid=[grid, bn_seeds], training={"epochs": 2})), "--cluster", cluster)
+    assert set(_wait_states(list(jobs.values())).values()) == {"COMPLETED"}
+    rows = collect_rows(sweep)
+    assert [(r["status"], r["epochs"]) for r in rows] == [("completed", 2)] * 4
+    for d in (sweep / "trials").iterdir():
+        assert [a["start_epoch"] for a in _attempts(d)] == [0, 1], d.name  # on from epoch 1, not trained again
