@@ -180,3 +180,14 @@ def test_compute_skips_what_a_collapsed_trial_makes_meaningless(collapsed):
     assert all(m["summary"][k] is None for k in INTERPRET_COLUMNS if k != "ece")
     assert arrays["embedding"] == {"labels": arrays["embedding"]["labels"]}
     assert not {"faithfulness", "sanity", "bic"} & set(arrays) and "reliability" in arrays["metrics"]
+
+
+def test_the_report_table_shows_the_summary_values_and_no_other():
+    from vgg_xai.report import INTERPRET_TABLE
+    from vgg_xai.results import VERDICT_COLUMNS
+
+    shown = {key for _, cols in INTERPRET_TABLE for _, key, _ in cols}
+    spreads = {spread.removeprefix("of:") for _, cols in INTERPRET_TABLE for _, _, spread in cols if spread}
+    assert shown | spreads <= set(INTERPRET_COLUMNS) | set(VERDICT_COLUMNS)
+    # every value but the paired t-tests' p (the verdicts say what they mean) has its column
+    assert set(INTERPRET_COLUMNS) - shown - spreads == {"deletion_vs_random_p", "insertion_vs_random_p"}
