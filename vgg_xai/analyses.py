@@ -52,13 +52,10 @@ class Inputs:
 
     def images(self, idx: np.ndarray | slice) -> torch.Tensor:
         """Test images, normalized, on the device."""
-        if isinstance(idx, np.ndarray):
-            idx = torch.from_numpy(idx)
-        return self.test.normalize(self.test.images[idx].float().div_(255))
+        return _images(self.test, idx)
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            return torch.cat([self.trained(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)]).cpu().numpy()
+        return _predict(self.trained, x)
 
     def balanced(self, per_class: int) -> np.ndarray:
         """The same class-balanced test images for every trial (at most as many as the smallest class has)."""
@@ -101,17 +98,26 @@ def load_inputs(trial_dir: Path, settings: Settings, threads: int | None = None)
         # of a bn model (width 0.125) ran 1.6x faster with it on one core (measured).
         return net.to(device, memory_format=torch.channels_last).eval()
 
+    trained, test = load("checkpoint.pt"), DeviceSplit(test_x, test_y, prep.mean, prep.std, device)
+    idx = probes.probe_indices(test_y, seed=settings.probe_seed, per_class=settings.probes_per_class)
+    x = _images(test, idx)
     dump = features.read(trial_dir / "features.h5")
     checks, findings = degenerate.feature_checks(dump.features, dump.logits, dump.predictions, prep.classes)
-    inputs = Inputs(settings=settings, trained=load("checkpoint.pt"), init=load("checkpoint_init.pt"),
-                    test=DeviceSplit(test_x, test_y, prep.mean, prep.std, device), test_x=test_x, test_y=test_y,
-                    classes=prep.classes, dump=dump, probes=np.empty(0, dtype=np.int64), probe_x=torch.empty(0),
-                    probe_predictions=np.empty(0, dtype=np.int64), feature_checks=checks,
-                    feature_findings=findings, threads=threads)
-    inputs.probes = probes.probe_indices(test_y, seed=settings.probe_seed, per_class=settings.probes_per_class)
-    inputs.probe_x = inputs.images(inputs.probes)
-    inputs.probe_predictions = inputs.predict(inputs.probe_x)
-    return inputs
+    return Inputs(settings=settings, trained=trained, init=load("checkpoint_init.pt"), test=test, test_x=test_x,
+                  test_y=test_y, classes=prep.classes, dump=dump, probes=idx, probe_x=x,
+                  probe_predictions=_predict(trained, x), feature_checks=checks, feature_findings=findings,
+                  threads=threads)
+
+
+def _images(test: DeviceSplit, idx: np.ndarray | slice) -> torch.Tensor:
+    if isinstance(idx, np.ndarray):
+        idx = torch.from_numpy(idx)
+    return test.normalize(test.images[idx].float().div_(255))
+
+
+def _predict(net: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([net(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)]).cpu().numpy()
 
 
 def probe_arrays(inp: Inputs) -> dict[str, Any]:
@@ -175,12 +181,21 @@ class ScoredMaps:
     checks: dict[str, Any]
 
 
-def scored_maps(inp: Inputs, analysis: str, per_class: int, insensitive: str, flat: str) -> ScoredMaps | Result:
+# Why an analysis that scores maps is not run: for a model whose output ignores the image, and for
+# degenerate maps (a format with the fields method, n and finding).
+MAP_SKIPS = {
+    "faithfulness": ("deleting or inserting pixels cannot change it",
+                     "{method} maps of the {n} faithfulness images: {finding}; no pixel order to test"),
+    "sanity": ("its maps carry no information about the image to randomize",
+               "trained {method} maps of the {n} sanity-check images: {finding}; nothing to correlate"),
+}
+
+
+def scored_maps(inp: Inputs, analysis: str, per_class: int) -> ScoredMaps | Result:
     """The opening that faithfulness and the randomization check share: their images and maps, or the
-    Result that skips ``analysis``: where the model's output is the same for every image (why that
-    makes it meaningless: ``insensitive``), or where the maps are degenerate (``flat``, a format with
-    the fields method, n and finding)."""
+    Result that skips ``analysis`` (MAP_SKIPS says why)."""
     s = inp.settings
+    insensitive, flat = MAP_SKIPS[analysis]
     if degenerate.insensitive(inp.feature_checks):
         return _skipped(analysis, f"the model's output is the same for every test image: {insensitive}")
     idx = inp.balanced(per_class)
@@ -197,9 +212,7 @@ def scored_maps(inp: Inputs, analysis: str, per_class: int, insensitive: str, fl
 def deletion_insertion(inp: Inputs) -> Result:
     """Faithfulness: deletion and insertion AUC of the scored map method against a random map on the same images."""
     s = inp.settings
-    scored = scored_maps(inp, "faithfulness", s.faithfulness_per_class,
-                         "deleting or inserting pixels cannot change it",
-                         "{method} maps of the {n} faithfulness images: {finding}; no pixel order to test")
+    scored = scored_maps(inp, "faithfulness", s.faithfulness_per_class)
     if isinstance(scored, Result):
         return scored
     trained, x, targets = inp.trained, scored.x, scored.targets
@@ -236,9 +249,7 @@ SANITY_DETAILS = ("layers", "spearman", "spearman_std", "abs_spearman", "abs_spe
 def randomization(inp: Inputs) -> Result:
     """The cascading model-randomization (sanity) check of the scored map method."""
     s = inp.settings
-    scored = scored_maps(inp, "sanity", s.sanity_per_class,
-                         "its maps carry no information about the image to randomize",
-                         "trained {method} maps of the {n} sanity-check images: {finding}; nothing to correlate")
+    scored = scored_maps(inp, "sanity", s.sanity_per_class)
     if isinstance(scored, Result):
         return scored
     sc = sanity.randomization_check(inp.trained, scored.x, s.cam_method, draws=s.sanity_draws, seed=s.seed,

@@ -1,6 +1,8 @@
 """The post-processing job: per trial, the interpretation suite; per sweep, the aggregate tables,
 the sweep figures and report.html. Idempotent; runs at the end of every sweep and as SLURM's job
-after the sweep job.
+after the sweep job. The analyses are in `analyses`, the figures are assembled in `figures`, and
+arrays.h5's format is `interpret_arrays`; this module composes them, writes metrics.json and fans
+the trials out on Ray.
 
 Per trial it writes ``trials/<id>/interpret/``: figures (PNG), ``arrays.h5`` (everything the
 figures are drawn from) and, last, ``metrics.json``, which marks the folder complete. A trial is
