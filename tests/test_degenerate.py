@@ -30,7 +30,10 @@ from conftest import RUN_MARK, SHARED_DATA, ray_processes
 from vgg_xai import features
 from vgg_xai.config import TrialConfig
 from vgg_xai.interpret.embedding import tsne_method
-from vgg_xai.postprocess import FAITHFULNESS_KEYS, SANITY_KEYS, Settings, grid_panels, read_arrays
+from vgg_xai.figures import grid_panels
+from vgg_xai.interpret_arrays import read_arrays
+from vgg_xai.postprocess import Settings
+from vgg_xai.results import FAITHFULNESS_KEYS, SANITY_KEYS
 from vgg_xai.report import TRIAL_FIGURES
 from vgg_xai.train import run_trial
 

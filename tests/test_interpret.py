@@ -21,7 +21,7 @@ from vgg_xai.interpret import degenerate
 from vgg_xai.interpret.faithfulness import curve_auc, deletion_auc, insertion_auc, perturbation_curves, pixel_order
 from vgg_xai.interpret.filters import conv_weights, feature_maps, through_every_conv
 from vgg_xai.interpret.hooks import capture, inference_copy
-from vgg_xai.interpret.metrics import confusion, ece, per_class_accuracy
+from vgg_xai.interpret.metrics import calibration_error, confusion, ece, per_class_accuracy, reliability_bins
 from vgg_xai.interpret.probes import probe_indices
 from vgg_xai.interpret.sanity import cascading_randomization, randomization_check, spearman_rows
 from vgg_xai.model import build_model
@@ -533,3 +533,29 @@ def test_ece():
     # By hand: confidences 0.9 (right) and 0.6 (wrong) in different bins -> (0.1 + 0.6) / 2.
     logits = np.log(np.array([[0.9, 0.1], [0.6, 0.4]]))
     assert ece(logits, np.array([0, 1]), bins=10) == pytest.approx(0.35)
+
+
+def test_reliability_bins_by_hand():
+    # Confidences 0.92 (right), 0.96 (wrong) and 0.55 (right): two in bin (0.9, 1.0], one in (0.5, 0.6].
+    logits = np.log(np.array([[0.92, 0.08], [0.04, 0.96], [0.55, 0.45]]))
+    r = reliability_bins(logits, np.array([0, 0, 0]), bins=10)
+    np.testing.assert_allclose(r["edges"], np.linspace(0, 1, 11))
+    assert r["count"].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 2]
+    assert r["confidence"][9] == pytest.approx(0.94) and r["accuracy"][9] == 0.5
+    assert r["confidence"][5] == pytest.approx(0.55) and r["accuracy"][5] == 1.0
+    empty = r["count"] == 0
+    assert np.isnan(r["confidence"][empty]).all() and np.isnan(r["accuracy"][empty]).all()
+    # ECE: (2 * |0.5 - 0.94| + 1 * |1 - 0.55|) / 3
+    assert calibration_error(r) == pytest.approx((2 * 0.44 + 0.45) / 3)
+
+
+def test_reliability_bins_hold_every_image_in_the_bin_of_its_confidence():
+    logits, labels = synthetic_predictions(5000, 0.2)
+    r = reliability_bins(logits, labels)
+    count, conf = r["count"], r["confidence"]
+    ok = count > 0
+    assert len(r["edges"]) == 16 and count.sum() == len(labels) and ok.sum() > 5
+    assert (r["edges"][:-1][ok] < conf[ok]).all() and (conf[ok] <= r["edges"][1:][ok]).all()
+    # The ECE is the count-weighted gap of the bins, and these predictions are over-confident.
+    gap = float((count[ok] * np.abs(r["accuracy"][ok] - conf[ok])).sum() / count.sum())
+    assert calibration_error(r) == pytest.approx(gap, abs=1e-12) == ece(logits, labels) and gap > 0.15

@@ -17,7 +17,8 @@ import pytest
 
 from conftest import ray_processes
 from vgg_xai.config import TrialConfig
-from vgg_xai.postprocess import Settings, postprocess, read_arrays
+from vgg_xai.interpret_arrays import read_arrays
+from vgg_xai.postprocess import Settings, postprocess
 from vgg_xai.report import TRIAL_FIGURES, shown
 from vgg_xai.train import run_trial
 
@@ -271,11 +272,11 @@ def _interpreted_by_hand(trial: Path, figures: tuple[str, ...], **metrics) -> No
     """What post-processing leaves in a trial's interpret/: PNGs (any figure will do here) and a
     metrics.json with ``metrics`` at its top level."""
     from vgg_xai import viz
-    from vgg_xai.postprocess import _history
+    from vgg_xai.figures import read_curves
 
     out = trial / "interpret"
     for fig in figures:
-        viz.save(viz.curves(_history(trial)), out / f"{fig}.png")
+        viz.save(viz.curves(read_curves(trial)), out / f"{fig}.png")
     summary = {"test_acc": 0.1, "ece": 0.01, "insertion_auc": 0.31, "insertion_auc_se": 0.02,
                "insertion_auc_random": 0.25, "insertion_auc_random_se": 0.03, "faithfulness_n_images": 10}
     (out / "metrics.json").write_text(json.dumps({"schema": "vgg-xai/interpret/1", "trial_id": trial.name,

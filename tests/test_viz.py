@@ -14,6 +14,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from vgg_xai import viz
+from vgg_xai.interpret.metrics import reliability_bins
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -125,8 +126,7 @@ BUILDERS = {
     "contingency": lambda: viz.contingency(rng().integers(0, 9, (4, 10)), CLASSES),
     "confusion": lambda: viz.confusion(rng().integers(0, 9, (10, 10)), rng().random(10), CLASSES),
     "confusion_reliability": lambda: viz.confusion(rng().integers(0, 9, (10, 10)), rng().random(10), CLASSES, 0.1,
-                                                   viz.reliability_bins(rng().normal(size=(50, 10)),
-                                                                        np.arange(50) % 10)),
+                                                   reliability_bins(rng().normal(size=(50, 10)), np.arange(50) % 10)),
     "accuracy_bars": lambda: viz.accuracy_bars(pivot()),
     "valid_curves": lambda: viz.valid_curves({"a": history(), "b": history()}, {"a": "plain", "b": "bn"}),
     "cam_grid": lambda: viz.cam_grid(images(2), rng().random((2, 2, 8, 8)), ["t0", "t1"], CLASSES,
@@ -506,23 +506,9 @@ def logits_and_labels(n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     return logits, labels
 
 
-def test_reliability_bins_give_the_ece_of_interpret_metrics():
-    from vgg_xai.interpret.metrics import ece
-
-    logits, labels = logits_and_labels()
-    r = viz.reliability_bins(logits, labels)
-    count, conf, acc = r["count"], r["confidence"], r["accuracy"]
-    assert len(r["edges"]) == 16 and count.sum() == len(labels)
-    ok = count > 0
-    assert np.isnan(conf[~ok]).all() and np.isnan(acc[~ok]).all() and (r["edges"][:-1][ok] < conf[ok]).all()
-    assert (conf[ok] <= r["edges"][1:][ok]).all()  # each bin's mean confidence lies in it
-    from_bins = float((count[ok] * np.abs(acc[ok] - conf[ok])).sum() / count.sum())
-    assert from_bins == pytest.approx(ece(logits, labels), abs=1e-12) and from_bins > 0.01
-
-
 def test_confusion_with_reliability_diagram_beside_the_ece():
     logits, labels = logits_and_labels()
-    r = viz.reliability_bins(logits, labels)
+    r = reliability_bins(logits, labels)
     conf = rng().integers(0, 30, (10, 10))
     fig = viz.confusion(conf, rng().random(10), CLASSES, ece=0.0812, reliability=r)
     matrix, bars, rel = (ax for ax in fig.axes if ax.get_title())

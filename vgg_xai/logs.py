@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
-from .trial_folder import Damaged, read_jobs
+from .trial_folder import ATTEMPTS, Damaged, read_jobs
 
 SHOWN_IDS = 5  # trial ids named when the one asked for is not there
 
@@ -64,7 +64,7 @@ def trial_logs(sweep_dir: str | Path, trial_id: str) -> str:
             stream = "stdout" if f.suffix == ".out" else "stderr"
             parts.append(f"{_heading(f'SLURM array task {job}, {stream}', f)}\n{_text(f)}")
     if not parts:
-        if (trial_dir / "attempts.jsonl").is_file():
+        if (trial_dir / ATTEMPTS).is_file():
             raise UserError(f"{trial_dir}: no trial.log: the trial ran with a vgg-xai before trial logs; "
                             "its epochs are in history.csv")
         raise UserError(f"{trial_dir}: no log yet: the trial has not started")

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .locks import driver_of, pid_alive
-from .trial_folder import ERROR, FINISHED, TESTED, Damaged, read_attempts, read_config, read_history, read_result
-from .trial_folder import trial_dirs
+from .trial_folder import CONFIG, ERROR, FINISHED, HISTORY, RESULT, TESTED, Damaged, read_attempts, read_config
+from .trial_folder import read_history, read_result, trial_dirs
 COLUMNS = ("trial", "status", "epoch", "train_acc", "valid_acc", "img/s", "eta", "where")
 
 
@@ -198,7 +198,7 @@ def _trial_row(trial_dir: Path, driver_alive: bool, jobs_active: bool) -> dict[s
 
     cfg = read_config(trial_dir)
     if cfg is None:
-        raise Damaged(trial_dir / "config.json", "missing (an empty or half-copied trial folder)")
+        raise Damaged(trial_dir / CONFIG, "missing (an empty or half-copied trial folder)")
     r = new_row(trial_dir.name, int(cfg.get("epochs", 0)))
     history = read_history(trial_dir)
     if history:
@@ -206,7 +206,7 @@ def _trial_row(trial_dir: Path, driver_alive: bool, jobs_active: bool) -> dict[s
         last = history[-1]
         r.update(epoch=len(ok), train_acc=last["train_acc"], valid_acc=last["valid_acc"],
                  images_per_s=last["images_per_s"], epoch_s=[h["seconds"] for h in ok],
-                 t=(trial_dir / "history.csv").stat().st_mtime)
+                 t=(trial_dir / HISTORY).stat().st_mtime)
     try:
         attempts, unread = read_attempts(trial_dir), None
     except Damaged as e:  # it says where the trial runs: it matters only while the trial has no result
@@ -217,7 +217,7 @@ def _trial_row(trial_dir: Path, driver_alive: bool, jobs_active: bool) -> dict[s
     done = read_result(trial_dir)
     if done is not None:
         r["status"] = done["status"]
-        r["t"] = (trial_dir / "result.json").stat().st_mtime
+        r["t"] = (trial_dir / RESULT).stat().st_mtime
         if r["status"] in TESTED and done.get("test_acc") is not None:
             r["note"] = f"test {done['test_acc']:.3f}"
         if done.get("collapsed"):

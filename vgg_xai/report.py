@@ -328,7 +328,7 @@ def trial_provenance(trial_dir: Path) -> dict[str, Any]:
     """Where and how one trial ran: its attempts, the dump's attributes, the interpretation's device."""
     attempts = _attempts(trial_dir)
     attrs = _dump_attrs(trial_dir)
-    result = trial_dir / "result.json"
+    result = trial_dir / trial_folder.RESULT
     try:
         interp = read_interpretation(trial_dir)
     except trial_folder.Damaged:

@@ -38,8 +38,12 @@ FAITHFULNESS_KEYS = [f"{mode}{part}" for mode in ("deletion", "insertion")
 SANITY_KEYS = ["sanity_rho", "sanity_rho_std", "sanity_floor", "sanity_floor_std", "sanity_abs_rank_rho",
                "sanity_abs_rank_rho_std", "sanity_abs_floor", "sanity_abs_floor_std", "sanity_n_draws",
                "sanity_n_images", "sanity_n_pairs", "sanity_n_degenerate"]
-# What a trial's interpret/metrics.json ["summary"] holds, in the order of the table columns.
-INTERPRET_COLUMNS = ["ari", "nmi", "purity", "ece", *FAITHFULNESS_KEYS, *SANITY_KEYS]
+# The one list of a trial's interpret/metrics.json ["summary"] values, per analysis (the one that
+# computes them; each None where it was skipped), in the order of the table columns; test_acc is read
+# from result.json.
+SUMMARY_KEYS = {"gmm": ["ari", "nmi", "purity"], "calibration": ["ece"], "faithfulness": FAITHFULNESS_KEYS,
+                "sanity": SANITY_KEYS}
+INTERPRET_COLUMNS = [k for keys in SUMMARY_KEYS.values() for k in keys]
 # The ones pivoted and ranked (the rest are read with them: errors, spreads, counts).
 INTERPRET_METRICS = ["ari", "nmi", "purity", "ece", "deletion_auc", "deletion_auc_random", "deletion_vs_random",
                      "deletion_wins", "insertion_auc", "insertion_auc_random", "insertion_vs_random", "insertion_wins",
@@ -604,7 +608,8 @@ def write_tables(sweep_dir: str | Path, metric: str = "test_acc") -> dict[str, A
 
 # What `pull` copies, relative to the sweep folder: the small files only.
 PULL_FILES = ["spec.yaml", "report.html", "tables/**", "figures/**"]
-PULL_TRIAL_FILES = ["config.json", "result.json", "history.csv", "attempts.jsonl", "error.txt", "trial.log",
+PULL_TRIAL_FILES = [trial_folder.CONFIG, trial_folder.RESULT, trial_folder.HISTORY, trial_folder.ATTEMPTS,
+                    trial_folder.ERROR, "trial.log",
                     "tensorboard/*", "interpret/metrics.json", "interpret/error.txt", "interpret/*.png"]
 
 

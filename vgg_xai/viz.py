@@ -372,7 +372,7 @@ def contingency(table: np.ndarray, classes: list[str]) -> Figure:
 def confusion(conf: np.ndarray, per_class_acc: np.ndarray, classes: list[str], ece: float | None = None,
               reliability: dict[str, np.ndarray] | None = None) -> Figure:
     """Confusion matrix (colour = share of the true class, text = counts), per-class accuracy and,
-    given ``reliability`` (the bins of `reliability_bins`), the reliability diagram beside the ECE."""
+    given ``reliability`` (the bins of `interpret.metrics.reliability_bins`), the reliability diagram beside the ECE."""
     conf = np.asarray(conf)
     rows = conf.sum(axis=1, keepdims=True)
     share = conf / np.maximum(rows, 1)
@@ -406,23 +406,6 @@ def confusion(conf: np.ndarray, per_class_acc: np.ndarray, classes: list[str], e
         "confusion and per-class accuracy"
     fig.suptitle(what + (f" (ECE {ece:.3f})" if ece is not None else ""), y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig
-
-
-def reliability_bins(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
-    """The reliability diagram's numbers, binned as the ECE is (interpret.metrics.ece: equal-width
-    bins (lo, hi] of the softmax confidence): per bin the mean confidence and the accuracy (NaN where
-    empty) and the image count; ``edges`` (bins + 1). The only computing here: the figures of a trial
-    are drawn from its arrays and its dump, and the dump holds the logits."""
-    z = np.asarray(logits, dtype=np.float64)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    conf, correct = p.max(axis=1), p.argmax(axis=1) == np.asarray(labels)
-    which = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
-    with np.errstate(invalid="ignore"):
-        mean_conf = np.bincount(which, conf, minlength=bins) / count
-        accuracy = np.bincount(which, correct.astype(float), minlength=bins) / count
-    return {"edges": np.linspace(0, 1, bins + 1), "confidence": mean_conf, "accuracy": accuracy, "count": count}
 
 
 def _reliability(ax: Axes, r: dict[str, np.ndarray], ece: float | None) -> None:

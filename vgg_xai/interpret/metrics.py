@@ -20,19 +20,34 @@ def per_class_accuracy(labels: np.ndarray, preds: np.ndarray, n: int = 10) -> np
         return np.where(support > 0, np.diag(table) / support, np.nan)
 
 
-def ece(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error of the softmax confidence (Guo et al. 2017): over equal-width
-    confidence bins, the image-weighted mean of |accuracy - mean confidence|."""
+def reliability_bins(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
+    """The softmax confidence in equal-width bins (lo, hi]: ``edges`` (bins + 1) and per bin the image
+    ``count``, the mean ``confidence`` and the ``accuracy`` (NaN where the bin is empty). The
+    reliability diagram draws them; `calibration_error` sums them into the ECE."""
     z = np.asarray(logits, dtype=np.float64)
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     conf, pred = p.max(axis=1), p.argmax(axis=1)
     correct = pred == np.asarray(labels)
-    # Bins (lo, hi]; confidence is always > 0, so every image lands in one.
+    # Confidence is always > 0, so every image lands in one bin.
     which = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
+    count = np.bincount(which, minlength=bins)
+    mean_conf, accuracy = np.full(bins, np.nan), np.full(bins, np.nan)
+    for b in np.flatnonzero(count):
         in_bin = which == b
-        if in_bin.any():
-            total += in_bin.sum() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-    return float(total / len(conf))
+        mean_conf[b], accuracy[b] = conf[in_bin].mean(), correct[in_bin].mean()
+    return {"edges": np.linspace(0, 1, bins + 1), "confidence": mean_conf, "accuracy": accuracy, "count": count}
+
+
+def calibration_error(r: dict[str, np.ndarray]) -> float:
+    """Expected calibration error (Guo et al. 2017) of `reliability_bins`: the image-weighted mean over
+    the bins of |accuracy - mean confidence|."""
+    total = 0.0
+    for b in np.flatnonzero(r["count"]):
+        total += r["count"][b] * abs(r["accuracy"][b] - r["confidence"][b])
+    return float(total / r["count"].sum())
+
+
+def ece(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error of the softmax confidence over ``bins`` equal-width bins."""
+    return calibration_error(reliability_bins(logits, labels, bins))
