@@ -79,15 +79,13 @@ def main() -> None:
             print(f"one process, one trial after another, {threads} thread(s): {seq[threads]:7.1f} s "
                   f"({seq[threads] / args.trials:.1f} s a trial)", flush=True)
 
-        import ray
-
         t0 = time.perf_counter()
         runtime.ray_init()
         start_up = time.perf_counter() - t0
         t1 = time.perf_counter()
         sweep.run(sweep.plan(spec), stream=io.StringIO())  # joins the Ray started above
         ray_wall = time.perf_counter() - t1
-        ray.shutdown()
+        runtime.ray_shutdown()  # and its watcher, whose pipe ray.shutdown() alone leaves open
         concurrent = min(os.cpu_count() or 1, args.trials)
         ideal = seq[1] / concurrent
         print(f"Ray start-up (once per sweep): {start_up:5.1f} s")

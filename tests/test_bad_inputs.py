@@ -201,3 +201,26 @@ def test_train_refuses_the_caches_a_sweep_refuses(case, tmp_path, tiny_cache, ca
     _assert_one_line(capsys, main(["train", "--data", str(cache), "--width", "0.125", "--epochs", "1",
                                    "--out", str(out)]), message)
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("command", ["sweep", "train"])
+def test_a_torchvision_built_for_another_torch_stops_before_the_first_epoch(command, tmp_path, tiny_cache):
+    """A torchvision whose compiled operators do not match torch fails on import, as such a build does; a
+    trial imports it only to record its version at the end, so the sweep (before Ray starts) and `train`
+    (before training) check the install first."""
+    import subprocess
+    import sys
+
+    broken = tmp_path / "site" / "torchvision"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    env = {**__import__("os").environ, "PYTHONPATH": f"{broken.parent}:{Path(__file__).parents[1]}"}
+    argv = (["sweep", str(_spec(tmp_path, tiny_cache))] if command == "sweep" else
+            ["train", "--data", str(tiny_cache), "--out", str(tmp_path / "trial"), "--width", "0.125", "--epochs", "1"])
+    r = subprocess.run([sys.executable, "-m", "vgg_xai.cli", *argv], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(
+        "vgg-xai: error: torchvision does not work with the installed torch "), r.stderr
+    assert "(operator torchvision::nms does not exist); install the torchvision built for this torch" in r.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "trial" / "history.csv").exists()

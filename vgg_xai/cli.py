@@ -380,7 +380,7 @@ def _resolve_data(data: Path | None, cache: Path) -> Path:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import TrialConfig, load_yaml
     from .data import verify_cache
-    from .train import run_trial
+    from .train import check_install, run_trial
 
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: is a file; name a folder for the trial's files")
@@ -395,6 +395,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         settings["data"] = str(_resolve_data(args.data, args.cache))
     cfg = TrialConfig.from_dict(settings, where=str(args.config or "flags"))
     verify_cache(cfg.data)  # a damaged cache or one of other classes is one line, as in a sweep, before any work
+    check_install()
     result = run_trial(cfg, args.out, report=_print_epoch, resume=args.resume)
     print(json.dumps(result.__dict__, indent=2))
     from .trial_folder import TESTED

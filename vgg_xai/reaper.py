@@ -6,7 +6,7 @@ agents the raylet starts: when the driver is killed, they find the raylet gone a
 stdin; when the pipe closes (the driver shut Ray down, exited, or was killed), the watcher kills
 the raylet's descendants it last saw and removes the Ray session's temp folder.
 
-Run as ``python -m vgg_xai.reaper RAYLET_PID TEMP_DIR`` (see ``sweep.ray_init``).
+Run as ``python -m vgg_xai.reaper RAYLET_PID TEMP_DIR`` (see ``runtime.ray_init``).
 """
 
 from __future__ import annotations

@@ -169,8 +169,6 @@ def sweep_dir_of(spec: JobSpec) -> Path:
     return Path(spec.results).absolute() / spec.name
 
 
-
-
 def check_inputs(spec: JobSpec, *, data: str | Path | None = None, check_local: bool = True,
                  dry_run: bool = False, address: str | None = None) -> tuple[Path | None, Path, list[str]]:
     """Every check of a sweep's input that needs no writing: (data source or None, cache, what this
@@ -179,6 +177,9 @@ def check_inputs(spec: JobSpec, *, data: str | Path | None = None, check_local: 
     answer."""
     from .data import DEFAULT_CACHE, source_kind
 
+    from .train import check_install
+
+    check_install()  # a broken install stops here, before Ray starts and not after the last epoch
     if address:
         runtime.check_address(address)
     results = Path(spec.results)

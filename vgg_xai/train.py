@@ -153,6 +153,21 @@ def _git_commit() -> str:
         return ""
 
 
+def check_install() -> None:
+    """Import what a trial needs only at its end (the feature dump records their versions) before any
+    trial starts: a torchvision built for another torch then fails here, in one line naming it and the
+    fix, and not after the last epoch of every trial."""
+    for name in ("torchvision", "kornia", "h5py"):
+        try:
+            __import__(name)
+        except Exception as e:  # noqa: BLE001 - whatever a broken build raises on import (RuntimeError, OSError)
+            text = str(e).strip()
+            first = text.splitlines()[0] if text else type(e).__name__
+            raise UserError(f"{name} does not work with the installed torch {torch.__version__} ({first}); install "
+                            f"the {name} built for this torch (for torchvision, the release paired with torch "
+                            f"{torch.__version__.split('+')[0]}), e.g. pip install --force-reinstall {name}") from None
+
+
 def versions() -> dict[str, str]:
     import h5py
     import kornia
