@@ -31,7 +31,7 @@ _TRAIN_FLAGS = {  # flag -> (TrialConfig field, type, help)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    from .data import DEFAULT_CACHE
+    from .config import DEFAULT_CACHE
 
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help=f"the prepared HDF5 cache to write or reuse (default: {DEFAULT_CACHE})")

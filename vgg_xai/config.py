@@ -21,6 +21,8 @@ import yaml
 
 from .errors import UserError
 
+DEFAULT_CACHE = Path("results/data/cifar10.h5")  # the prepared data, unless a spec or --cache says where
+
 ARCHS = ("vgg11_cifar", "simple_cnn")
 HEADS = ("mlp", "linear")
 INITS = ("torch_default", "kaiming")

@@ -26,13 +26,13 @@ import h5py
 import numpy as np
 import torch
 
+from .config import DEFAULT_CACHE
 from .errors import UserError
 from .progress import progress, stage
 
 CACHE_FORMAT = 1
 VALID_FRACTION = 0.2  # 10,000 of the official 50,000 training images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm")
-DEFAULT_CACHE = Path("results/data/cifar10.h5")
 N_CLASSES = 10
 KIND_NAMES = {"batches": "pickled batches", "folder": "image folder", "tar": "image archive"}
 STAGE = "vgg-xai data prepare: "  # the lines that say how far preparation got, in a log or a pipe

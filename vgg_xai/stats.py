@@ -24,7 +24,14 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import stats as sps
+
+
+def _sps():
+    """scipy.stats, imported where a test is computed: `status` and `results` start without it (1 s)."""
+    from scipy import stats
+
+    return stats
+
 
 LEVEL = 0.95  # of every interval
 ALPHA = 0.05  # of every test, after Holm's adjustment
@@ -38,7 +45,7 @@ def mean_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float,
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
         return math.nan, math.nan
-    half = sps.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    half = _sps().t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
     return float(x.mean() - half), float(x.mean() + half)
 
 
@@ -57,7 +64,7 @@ def two_sample(a: Sequence[float], b: Sequence[float], mixed: bool = False, leve
     test = "welch" if spread and not mixed else "permutation"
     low = high = diff
     if spread:
-        welch = sps.ttest_ind(x, y, equal_var=False)
+        welch = _sps().ttest_ind(x, y, equal_var=False)
         ci = welch.confidence_interval(level)
         low, high = float(ci.low), float(ci.high)
     p = float(welch.pvalue) if test == "welch" else permutation_p(x, y)
@@ -68,7 +75,7 @@ def permutation_p(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sided p of the difference of means over every split of the pooled values into groups of
     len(a) and len(b) (scipy's exact test; a fixed-seed draw of EXACT_SPLITS splits beyond that many)."""
     exact = math.comb(len(a) + len(b), len(a)) <= EXACT_SPLITS
-    res = sps.permutation_test((a, b), lambda u, v, axis: u.mean(axis=axis) - v.mean(axis=axis),
+    res = _sps().permutation_test((a, b), lambda u, v, axis: u.mean(axis=axis) - v.mean(axis=axis),
                                permutation_type="independent", vectorized=True, alternative="two-sided",
                                n_resamples=np.inf if exact else EXACT_SPLITS, rng=np.random.default_rng(0))
     return float(res.pvalue)
@@ -93,9 +100,9 @@ def welch_power(diff: float, sd_a: float, sd_b: float, n: np.ndarray | int, alph
     n = np.asarray(n, dtype=float)
     va, vb = sd_a ** 2 / n, sd_b ** 2 / n
     df = (va + vb) ** 2 / (va ** 2 / (n - 1) + vb ** 2 / (n - 1))
-    crit = sps.t.ppf(1 - alpha / 2, df)
+    crit = _sps().t.ppf(1 - alpha / 2, df)
     ncp = abs(diff) / np.sqrt(va + vb)
-    return sps.nct.sf(crit, df, ncp) + sps.nct.cdf(-crit, df, ncp)
+    return _sps().nct.sf(crit, df, ncp) + _sps().nct.cdf(-crit, df, ncp)
 
 
 def seeds_needed(diff: float, sd_a: float, sd_b: float, alpha: float = ALPHA, power: float = POWER) -> int | None:
@@ -137,7 +144,7 @@ def paired(scores: Sequence[float], baseline: Sequence[float], higher_is_better:
     n = len(d)
     se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
     if n > 1 and np.ptp(d) > 0:
-        p = float(sps.ttest_rel(s, b).pvalue)
+        p = float(_sps().ttest_rel(s, b).pvalue)
     else:
         p = math.nan if n < 2 else (1.0 if d.mean() == 0 else 0.0)
     better = d > 0 if higher_is_better else d < 0

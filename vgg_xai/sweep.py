@@ -175,7 +175,8 @@ def check_inputs(spec: JobSpec, *, data: str | Path | None = None, check_local: 
     machine lacks). Bad input raises UserError; what the machine lacks (``check_local``: the
     resources and device a trial asks for) raises too, unless ``dry_run``. An ``address`` must
     answer."""
-    from .data import DEFAULT_CACHE, source_kind
+    from .config import DEFAULT_CACHE
+    from .data import source_kind
 
     from .train import check_install
 
