@@ -46,7 +46,8 @@ def load() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="a CIFAR-10 source or a prepared cache (.h5)")
-    ap.add_argument("--cache", default="results/data/cifar10.h5", help="where to prepare a source (default: %(default)s)")
+    ap.add_argument("--cache", default="results/data/cifar10.h5",
+                    help="where to prepare a source (default: %(default)s)")
     ap.add_argument("--train-size", type=int, default=4000)
     ap.add_argument("--test-size", type=int, default=None, help="test vectors (default: all 10,000)")
     ap.add_argument("--skip-sklearn", action="store_true", help="do not time scikit-learn's TSNE (minutes)")

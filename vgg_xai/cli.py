@@ -102,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", help="submit a sweep to SLURM (and its post-processing job after it)",
         description="Submit a job spec to SLURM with submitit: one sweep job running Ray inside the "
                     "allocation (--mode ray) or one array task per trial (--mode array), then the "
-                    "post-processing job after it, whatever its outcome (afterany). Prints the job ids and the results folder.")
+                    "post-processing job after it, whatever its outcome (afterany). Prints the job ids and the "
+                    "results folder.")
     _add_spec_args(submit, "jobs/seed.yaml")
-    submit.add_argument("--cluster", type=Path, required=True, help="the cluster profile, e.g. cluster/example-gpu.yaml")
+    submit.add_argument("--cluster", type=Path, required=True,
+                        help="the cluster profile, e.g. cluster/example-gpu.yaml")
     submit.add_argument("--mode", choices=("ray", "array"), default="ray",
                         help="ray: one job, Ray schedules the trials (default); array: one SLURM array task a trial")
     submit.add_argument("--max-concurrent", type=int, help="array mode: at most this many tasks at once")

@@ -126,7 +126,8 @@ def _seeds(row: dict[str, Any], cells: dict[str, dict[str, Any]], spread: float)
         new = [s for s in range(need + len(have)) if s not in have][: max(0, need - len(have))]
         v, s = key.split("|")
         if new and lines and lines[-1][2] == new:  # both cells lack the same seeds: one line crosses them
-            lines[-1] = (lines[-1][0] + [v] * (v not in lines[-1][0]), lines[-1][1] + [s] * (s not in lines[-1][1]), new)
+            variants, schedules, _ = lines[-1]
+            lines[-1] = (variants + [v] * (v not in variants), schedules + [s] * (s not in schedules), new)
         elif new:
             lines.append(([v], [s], new))
     row["add"] = "; ".join(f"--set 'grid.variant=[{', '.join(v)}]' --set 'grid.lr_schedule=[{', '.join(s)}]' "
@@ -176,10 +177,11 @@ def table_rows(c: dict[str, Any], kind: str) -> list[list[str]]:
 
 def header(c: dict[str, Any]) -> str:
     better = "higher" if c["higher_is_better"] else "lower"
+    tests = f"{c['tests']} test{'s' * (c['tests'] != 1)}"
     return "\n".join(textwrap.wrap(
         f"{c['metric']}: differences between cells over seeds ({better} is better): the difference of means "
         f"[95% interval]; Welch's t-test, or the exact permutation test where a cell's seeds have no spread or "
-        f"mix collapsed and learning trials (mixed); p adjusted by Holm over the {c['tests']} test{'s' * (c['tests'] != 1)}; seeds: per "
+        f"mix collapsed and learning trials (mixed); p adjusted by Holm over the {tests}; seeds: per "
         f"cell, to decide a difference of that size at 80% power", 110))
 
 

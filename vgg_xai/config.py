@@ -364,7 +364,8 @@ class JobSpec:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not finite or v < 0:
                 raise UserError(f"{where}: resources.{key}: expected a finite number >= 0, got {v!r}")
         if gpu > 1 and gpu != int(gpu):
-            raise UserError(f"{where}: resources.gpu: a fraction must be below 1 (0.25 packs four trials a GPU), got {gpu}")
+            raise UserError(f"{where}: resources.gpu: a fraction must be below 1 (0.25 packs four trials a GPU), "
+                            f"got {gpu}")
         if cpu <= 0:
             raise UserError(f"{where}: resources.cpu: a trial needs some CPU, got {cpu}")
         retries = d.get("retries", 2)

@@ -243,7 +243,8 @@ def read_source(source: Path) -> RawSplits:
     kind = source_kind(source)
     raw = {"batches": _read_batches, "folder": _read_folder, "tar": _read_tar}[kind](source)
     if len(raw.classes) != N_CLASSES:  # a model with 10 outputs would fail on an 11th class mid-training
-        raise UserError(f"{source}: {len(raw.classes)} classes ({', '.join(raw.classes[:12])}); CIFAR-10 has {N_CLASSES}")
+        raise UserError(f"{source}: {len(raw.classes)} classes ({', '.join(raw.classes[:12])}); "
+                        f"CIFAR-10 has {N_CLASSES}")
     for name, y in (("train", raw.train_y), ("test", raw.test_y)):
         if len(y) and not (0 <= y.min() and y.max() < N_CLASSES):
             raise UserError(f"{source}: {name} labels outside 0..{N_CLASSES - 1}; not a CIFAR-10 source")

@@ -86,9 +86,11 @@ THUMB_QUALITY, WEBP_METHOD = 40, 6
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.9em} td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3} td:first-child,th:first-child,td.text,th.text{text-align:left}
-td.best{font-weight:bold;background:#e3f3e3} tr.degenerate td{background:#fff3e0} .base{display:block;color:#777;font-size:.85em}
+td.best{font-weight:bold;background:#e3f3e3}
+tr.degenerate td{background:#fff3e0} .base{display:block;color:#777;font-size:.85em}
 .figs{display:flex;flex-wrap:wrap;gap:.6em;align-items:flex-start}
 figure{margin:0;max-width:100%} figure img{max-width:100%;height:auto;border:1px solid #ddd}
 figcaption{font-size:.85em;color:#555} .muted{color:#777} .foot{font-size:.85em;color:#555}
@@ -228,7 +230,8 @@ INTERPRET_TABLE = [
                                   ("purity", "purity", None)]),
     ("deletion AUC ± SE (lower is better)", [("map", "deletion_auc", "deletion_auc_se"),
                                              ("random map", "deletion_auc_random", "deletion_auc_random_se"),
-                                             ("map − random ± paired SE", "deletion_vs_random", "deletion_vs_random_se"),
+                                             ("map − random ± paired SE", "deletion_vs_random",
+                                              "deletion_vs_random_se"),
                                              ("images won", "deletion_wins", None),
                                              ("verdict", "deletion_verdict", None)]),
     ("insertion AUC ± SE (higher is better)", [("map", "insertion_auc", "insertion_auc_se"),

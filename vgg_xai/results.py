@@ -214,8 +214,9 @@ def _row(d: Path) -> dict[str, Any]:
         row.update(epochs=result["epochs_completed"], best_valid_acc=num("best_valid_acc"),
                    best_epoch=result["best_epoch"], test_acc=num("test_acc"), wall_s=num("wall_s"))
         if status == "collapsed":  # degenerate by its training alone, whatever the interpretation says
-            row.update(degenerate=True, note=f"collapsed: stopped after epoch {result['epochs_completed']}, "
-                                             f"{result.get('collapsed') or 'cannot learn again'}" + (f"; {why}" if why else ""))
+            stopped = f"collapsed: stopped after epoch {result['epochs_completed']}, "
+            row.update(degenerate=True, note=stopped + (result.get("collapsed") or "cannot learn again")
+                       + (f"; {why}" if why else ""))
     return row
 
 
@@ -330,7 +331,8 @@ def pivot(rows: list[dict[str, Any]], metric: str = "test_acc") -> dict[str, Any
                 "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None),
                 "ci_low": _number(low), "ci_high": _number(high),
                 "n": len(vals), "of": len(group), "statuses": sorted({r["status"] for r in group}),
-                "values": vals, "seeds": [r.get("seed") for r in counted], "degenerate": degenerate, "degenerate_no_value": unvalued, "failed": failed,
+                "values": vals, "seeds": [r.get("seed") for r in counted], "degenerate": degenerate,
+                "degenerate_no_value": unvalued, "failed": failed,
                 # collapsed and learning seeds side by side: two clusters, not one Gaussian spread
                 "mixed": bool(degenerate) and any(r.get("degenerate") is False for r in counted),
             }

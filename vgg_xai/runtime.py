@@ -110,7 +110,8 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
             return
         except OSError as e:
             if time.monotonic() > end:
-                raise UserError(f"--address {target}: nothing answers there within {timeout:.0f} s ({e.strerror or e}); "
+                raise UserError(f"--address {target}: nothing answers there within {timeout:.0f} s "
+                                f"({e.strerror or e}); "
                                 "start the cluster (ray start --head) or leave --address out") from None
             time.sleep(1)
 

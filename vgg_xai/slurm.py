@@ -82,12 +82,15 @@ def check_profile(profile: ClusterProfile, spec: JobSpec, mode: str) -> None:
     if profile.time_min > _minutes(info["limit"]):
         raise UserError(f"time_min: {profile.time_min} min is above partition {part}'s limit of {info['limit']}")
     if profile.gpus_per_node > info["gpus"]:
-        raise UserError(f"gpus_per_node: {profile.gpus_per_node}, but partition {part}'s nodes have {info['gpus']} GPUs")
+        raise UserError(f"gpus_per_node: {profile.gpus_per_node}, but partition {part}'s nodes have "
+                        f"{info['gpus']} GPUs")
     if profile.cpus_per_task > info["cpus"]:
-        raise UserError(f"cpus_per_task: {profile.cpus_per_task}, but partition {part}'s nodes have {info['cpus']} CPUs")
+        raise UserError(f"cpus_per_task: {profile.cpus_per_task}, but partition {part}'s nodes have "
+                        f"{info['cpus']} CPUs")
     if mode == "ray":
         if spec.cpu > profile.cpus_per_task:
-            raise UserError(f"resources.cpu: {spec.cpu:g} per trial, but the profile gives a node {profile.cpus_per_task}")
+            raise UserError(f"resources.cpu: {spec.cpu:g} per trial, but the profile gives a node "
+                            f"{profile.cpus_per_task}")
         if spec.gpu > profile.gpus_per_node:
             raise UserError(f"resources.gpu: {spec.gpu:g} per trial, but the profile gives a node "
                             f"{profile.gpus_per_node} GPUs; set gpus_per_node in the cluster profile")
@@ -247,8 +250,10 @@ class PostprocessJob:
 
         rows = collect_rows(self.sweep_dir)
         if not any(r["status"] in TESTED for r in rows):
-            counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in sorted({r["status"] for r in rows}))
-            raise RuntimeError(f"nothing to post-process in {self.sweep_dir}: no trial completed ({counts or 'no trials'})"
+            statuses = sorted({r["status"] for r in rows})
+            counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in statuses)
+            raise RuntimeError(f"nothing to post-process in {self.sweep_dir}: no trial completed "
+                               f"({counts or 'no trials'})"
                                f"; see `vgg-xai status {self.sweep_dir}`")
         summary = postprocess(self.sweep_dir)
         if summary.failed:  # the job shows FAILED, and `vgg-xai status` shows this line

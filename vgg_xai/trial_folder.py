@@ -167,7 +167,8 @@ def read_attempts(trial_dir: Path) -> list[dict[str, Any]]:
         a = _json_object(path, line, f"line {i}")
         for key, types in (("pid", int), ("start_epoch", int), ("host", str)):
             if key in a and (not isinstance(a[key], types) or isinstance(a[key], bool)):
-                raise Damaged(path, f"line {i}: {key} is {a[key]!r}, not a {'whole number' if types is int else 'string'}")
+                kind = "whole number" if types is int else "string"
+                raise Damaged(path, f"line {i}: {key} is {a[key]!r}, not a {kind}")
         if "time" in a and not (_number(a["time"]) and a["time"] is not None and math.isfinite(a["time"])):
             raise Damaged(path, f"line {i}: time is {a['time']!r}, not a number")
         out.append(a)
