@@ -22,7 +22,6 @@ from vgg_xai.postprocess import Settings, postprocess
 from vgg_xai.report import TRIAL_FIGURES, shown
 from vgg_xai.train import run_trial
 
-pytestmark = pytest.mark.slow
 
 # Small enough for the tiny data set (100 test images): fewer PCA dimensions and BIC candidates.
 SMALL = Settings(pca_dim=10, bic_ks=(2, 5, 10), bic_types=("full", "diag"), perplexity=10)
@@ -54,6 +53,7 @@ def _mtimes(sweep: Path) -> dict[str, int]:
             if not p.name.startswith(".")}
 
 
+@pytest.mark.slow
 def test_every_completed_trial_is_interpreted(trained_sweep, tmp_path):
     sweep = _copy(trained_sweep, tmp_path / "tiny")
     s = postprocess(sweep, SMALL, workers=1)
@@ -112,6 +112,7 @@ def test_every_completed_trial_is_interpreted(trained_sweep, tmp_path):
     assert all(src.startswith("data:image/") for src in re.findall(r'<img src="([^"]*)"', html))
 
 
+@pytest.mark.slow
 def test_rerun_skips_up_to_date_trials_and_redoes_retrained_ones(trained_sweep, tmp_path):
     sweep = _copy(trained_sweep, tmp_path / "tiny")
     postprocess(sweep, SMALL, workers=1)
@@ -133,6 +134,7 @@ def test_rerun_skips_up_to_date_trials_and_redoes_retrained_ones(trained_sweep, 
     assert len(a["probes"]["indices"]) == 20
 
 
+@pytest.mark.slow
 def test_a_broken_trial_is_reported_and_the_others_finish(trained_sweep, tmp_path):
     sweep = _copy(trained_sweep, tmp_path / "tiny")
     (sweep / "trials" / "plain-lr1e-3-s0" / "checkpoint.pt").write_bytes(b"not a checkpoint")
@@ -148,6 +150,7 @@ def _cli(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_interpret_each_trial_once(trained_sweep, tmp_path):
     """One run on Ray tasks (two workers), one in-process, started together: both succeed, each
     trial is computed by exactly one of them, and every file reads back whole."""
@@ -226,6 +229,7 @@ def _rendered(tmp: Path, report: Path) -> dict[str, str]:
     return {k: v.replace("&quot;", '"') for k, v in re.findall(r'data-(\w+)="([^"]*)"', body.group(1))}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium) to render the report")
 def test_report_renders_in_headless_chromium(trained_sweep, tmp_path):
     """The page renders without errors, every thumbnail decodes and every link to a full PNG loads,
@@ -283,6 +287,7 @@ def _interpreted_by_hand(trial: Path, figures: tuple[str, ...], **metrics) -> No
                                                   "summary": summary, "device": "cpu", **metrics}))
 
 
+@pytest.mark.slow
 def test_report_marks_a_degenerate_trial_and_says_where_the_results_come_from(trained_sweep, tmp_path):
     """Trial folders from run_trial, a metrics.json per trial as post-processing writes it (one
     degenerate, its CAM, faithfulness and t-SNE skipped; one fine), a spec, SLURM's job record and a requeued
@@ -342,6 +347,7 @@ def test_report_marks_a_degenerate_trial_and_says_where_the_results_come_from(tr
     assert f"1 attempt on {first['host']}, " in sections[bad]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--cam-methods", "gradcam,nope"], "--cam-methods: nope"),
     (["--cam-methods", "cam"], "--cam-methods: cam"),
