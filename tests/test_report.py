@@ -122,6 +122,23 @@ def test_a_degenerate_trial_is_named_and_its_skipped_figures_left_out(sweep):
     assert re.search(rf'<tr class=degenerate><td><a href="#t-{BAD}">{BAD}</a></td>', page)
 
 
+def test_a_collapsed_trial_is_degenerate_and_a_trial_outside_the_spec_is_left_out(sweep):
+    """A trial stopped as collapsed (training.stop_dead) is marked degenerate with the epoch it stopped at;
+    a folder the grown spec no longer lists is not in the report."""
+    result = json.loads((sweep / "trials" / BAD / trial_folder.RESULT).read_text())
+    why = "every one of 256 probe images gets the same feature vector: layer features.relu2 outputs zero"
+    (sweep / "trials" / BAD / trial_folder.RESULT).write_text(json.dumps(
+        {**result, "status": "collapsed", "epochs_completed": 1, "collapsed": why}))
+    spec = (sweep / "spec.yaml").read_text()
+    (sweep / "spec.yaml").write_text(spec + f"trials: [{GOOD}, {BAD}]\n")  # PENDING is outside the spec now
+    page = html.unescape(build_html(sweep))
+    assert set(_sections(page)) == {GOOD, BAD}
+    assert PENDING not in page
+    row = re.search(rf'<tr class=degenerate><td class="text"><a href="#t-{BAD}">{BAD}</a></td>(.*?)</tr>', page)
+    assert row and '<td class="text">collapsed</td><td class="text">yes</td>' in row.group(1)
+    assert f"collapsed: stopped after epoch 1, {why}" in page
+
+
 def test_provenance_comes_from_the_trials_files(sweep):
     page = html.unescape(build_html(sweep))
     prov = dict(re.findall(r"<tr><td>([^<]+)</td><td>([^<]*)</td></tr>",
