@@ -100,6 +100,9 @@ def test_a_grown_spec_keeps_adds_continues_and_leaves_out(tmp_path, tiny_cache, 
     rows = collect_rows(sweep_dir)
     assert [r["trial_id"] for r in rows] == ["bn-lr1e-3-s0", "bn-lr1e-3-s1", "bn-lr1e-3-s2"]
     assert rows[0]["status"] == "completed" and rows[0]["epochs"] == 2
+    text = sweep.describe(sweep.plan(longer, dry_run=True))
+    assert "bn-lr1e-3-s0 " in text and "epochs 2  [finished]" in text
+    assert text.count("[to continue]") == 1 and text.count("[to run]") == 1  # s1 has a checkpoint, s2 none
     view = status(sweep_dir)
     assert "1 trial folders outside the spec (kept on disk, left out of the tables): plain-lr1e-3-s0" in view
     assert "plain-lr1e-3-s0  " not in view  # not a row of the table

@@ -27,7 +27,7 @@ from . import runtime
 from .atomic import atomic_write_text
 from .config import JobSpec, TrialConfig
 from .errors import DiskFull, UserError
-from .trial_folder import CONFIG, ERROR, FINISHED, RESULT, Damaged, finished, read_config, read_result
+from .trial_folder import CHECKPOINT, CONFIG, ERROR, FINISHED, RESULT, Damaged, finished, read_config, read_result
 from .trial_folder import write_config, write_error
 
 # Settings whose change continues a trial from its checkpoint instead of training it anew.
@@ -44,6 +44,7 @@ class Growth:
     retrained: list[str] = field(default_factory=list)  # the same id with other settings: trained anew
     outside: list[str] = field(default_factory=list)  # on disk, no longer in the spec: kept, left out of tables
     why: dict[str, str] = field(default_factory=dict)  # trial -> what changed in its settings
+    started: set[str] = field(default_factory=set)  # of the continued: those with a checkpoint
 
     def line(self) -> str:
         """What the change does, in one line: ``+8 new trials, 15 kept, 0 retrained``."""
@@ -58,9 +59,10 @@ class Growth:
 
     def label(self, tid: str) -> str:
         """The trial's part in the plan, as --dry-run shows it."""
-        for name, ids in (("kept", self.kept), ("new", self.new), ("continued", self.continued)):
-            if tid in ids:
-                return {"kept": "finished", "new": "to run", "continued": "to continue"}[name]
+        if tid in self.kept:
+            return "finished"
+        if tid in self.new or tid in self.continued:
+            return "to continue" if tid in self.started else "to run"
         if tid in self.longer:
             return f"continue to more epochs: {self.why[tid]}"
         return f"train anew: {self.why[tid]}"
@@ -139,6 +141,8 @@ def grow(sweep_dir: Path, trials: list[tuple[str, TrialConfig]]) -> Growth:
         diff = _changed(old, cfg)
         if diff:
             g.why[tid] = "; ".join(diff)
+        if (d / CHECKPOINT).is_file():
+            g.started.add(tid)
         if not diff:
             (g.kept if result is not None else g.continued).append(tid)
         elif any(k.split(":")[0] not in CONTINUABLE for k in diff) or cfg.epochs < old.get("epochs", cfg.epochs):
