@@ -162,6 +162,13 @@ class TrialConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def changes_from(self, recorded: dict[str, Any], ignore: tuple[str, ...] = ("data",)) -> dict[str, tuple]:
+        """{setting: (recorded value, this value)} where a recorded config (config.json, a checkpoint's
+        config) differs from this one; a setting newer than the record counts as its default there."""
+        default = {f.name: f.default for f in fields(TrialConfig)}
+        return {k: (recorded.get(k, default[k]), v) for k, v in self.to_dict().items()
+                if k not in ignore and recorded.get(k, default[k]) != v}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrialConfig":
         known = {f.name for f in fields(cls)}

@@ -12,7 +12,6 @@ command that runs it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import sys
@@ -108,16 +107,6 @@ def _identity(resolved: dict[str, Any]) -> dict[str, Any]:
     return {"data": data}
 
 
-def _changed(old: dict[str, Any], cfg: TrialConfig) -> list[str]:
-    """The settings in which a trial's recorded config.json differs from ``cfg``: 'epochs: 2 -> 3'. The
-    data path is not compared (the sweep's data is, by content); a setting newer than the record has
-    its default there."""
-    default = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
-    now = cfg.to_dict()
-    return [f"{k}: {old.get(k, default[k])!r} -> {now[k]!r}" for k in now
-            if k != "data" and old.get(k, default[k]) != now[k]]
-
-
 def grow(sweep_dir: Path, trials: list[tuple[str, TrialConfig]]) -> Growth:
     """Sort the grid's trials by what the folders already in ``sweep_dir`` hold (see Growth). A
     trial whose settings differ only in CONTINUABLE ones continues: a finished one to more epochs
@@ -138,14 +127,14 @@ def grow(sweep_dir: Path, trials: list[tuple[str, TrialConfig]]) -> Growth:
         if old is None:
             g.new.append(tid)
             continue
-        diff = _changed(old, cfg)
+        diff = cfg.changes_from(old)  # not the data path: the sweep's data is compared by content
         if diff:
-            g.why[tid] = "; ".join(diff)
+            g.why[tid] = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         if (d / CHECKPOINT).is_file():
             g.started.add(tid)
         if not diff:
             (g.kept if result is not None else g.continued).append(tid)
-        elif any(k.split(":")[0] not in CONTINUABLE for k in diff) or cfg.epochs < old.get("epochs", cfg.epochs):
+        elif set(diff) - set(CONTINUABLE) or cfg.epochs < old.get("epochs", cfg.epochs):
             g.retrained.append(tid)
         elif result is None:
             g.continued.append(tid)

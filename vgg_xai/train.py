@@ -11,7 +11,6 @@ tensorboard package is installed).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import socket
@@ -181,9 +180,7 @@ def versions() -> dict[str, str]:
 
 def _check_resumable(saved: dict[str, Any], cfg: TrialConfig, path: Path) -> None:
     """A checkpoint continues only the trial it came from (the epoch count may grow)."""
-    now, default = cfg.to_dict(), {f.name: f.default for f in dataclasses.fields(TrialConfig)}
-    # A setting newer than the checkpoint has its default there; the epoch count and stopping may change.
-    diff = sorted(k for k in now if k not in ("epochs", "stop_dead") and saved.get(k, default[k]) != now[k])
+    diff = sorted(cfg.changes_from(saved, ignore=("epochs", "stop_dead")))  # both may change
     if diff:
         raise UserError(f"{path}: checkpoint is of another trial configuration (differs in "
                         f"{', '.join(diff)}); use another out dir or start without resume")
