@@ -52,15 +52,14 @@ def collapsed(net: ConvNet, x: torch.Tensor, y: torch.Tensor) -> str | None:
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: dead.append(name) if out.max() <= 0 else None)
              for name, m in net.named_modules() if isinstance(m, torch.nn.ReLU)]
     try:
-        with torch.enable_grad():
-            features, logits = net.features_and_logits(x.float())
-            for h in hooks:
-                h.remove()
-            distinct = torch.unique(features.detach().reshape(len(features), -1), dim=0).shape[0]
-            if distinct > 1:
-                return None
+        with torch.no_grad():  # a network that learns stops here, after one forward pass and no graph
+            features = net.forward_features(x.float())
+        if torch.unique(features.reshape(len(features), -1), dim=0).shape[0] > 1:
+            return None
+        with torch.enable_grad():  # only for a network whose images all look the same
             weights = [conv.weight for _, conv in net.conv_layers()]
-            grads = torch.autograd.grad(F.cross_entropy(logits.float(), y), weights, allow_unused=True)
+            loss = F.cross_entropy(net(x.float()).float(), y)
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
     finally:
         for h in hooks:
             h.remove()
