@@ -7,79 +7,25 @@ another test started is neither seen nor stopped.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
 import subprocess
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import LOCAL_SLURM, REPO, RUN_MARK
+from conftest import LOCAL_SLURM, RUN_MARK
+from slurm_nodes import Cluster, running, started, submit, wait_states
 from vgg_xai.results import collect_rows
 
 pytestmark = pytest.mark.slow
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
-
-
-@dataclass
-class Cluster:
-    run_dir: Path
-    env: dict[str, str]  # SLURM_CONF of this cluster, no_proxy with its addresses
-    nodes: list[tuple[str, str, str, str]]  # name, network namespace, address, host-side link
-    bridge: str
-    subnet: str  # the first three octets of the nodes' /24
-    start_s: float
-
-    def run(self, *cmd: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def _cannot_start() -> str | None:
-    """Why a multi-node local SLURM cannot start here, or None."""
-    if os.geteuid() != 0:
-        return "the local SLURM needs root (cluster/local-slurm/local-slurm)"
-    if shutil.which("slurmctld") is None:
-        return "SLURM is not installed here: run cluster/local-slurm/local-slurm install"
-    for tool, package in (("ip", "iproute2"), ("ss", "iproute2"), ("nsenter", "util-linux"), ("unshare", "util-linux")):
-        if shutil.which(tool) is None:
-            return f"{tool} not found: the nodes' network namespaces need {package}"
-    r = subprocess.run(["unshare", "--net", "--uts", "--mount", "true"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"this machine cannot make network namespaces: {r.stderr.strip()}"
-    return None
 
 
 @pytest.fixture(scope="module")
 def nodes3():
-    reason = _cannot_start()
-    if reason:
-        pytest.skip(reason=reason)
-    run_dir = Path(tempfile.mkdtemp(prefix="vgg-xai-test-nodes-", dir="/tmp"))  # short: munge's socket path
-    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
-    env["VGG_XAI_SLURM_DIR"] = str(run_dir)
-    try:
-        t0 = time.monotonic()
-        r = subprocess.run([str(LOCAL_SLURM), "start", "--nodes", "3"], env=env, capture_output=True, text=True,
-                           timeout=300)
-        start_s = time.monotonic() - t0
-        assert r.returncode == 0, r.stderr
-        print(f"\n3-node SLURM started in {start_s:.1f} s")
-        env["SLURM_CONF"] = r.stdout.strip().splitlines()[-1].split("=", 1)[1]
-        nodes = [tuple(line.split()) for line in (run_dir / "nodes").read_text().splitlines()]
-        bridge, subnet = (run_dir / "net").read_text().split()
-        # the nodes' addresses bypass the (closed) proxy, as loopback does
-        direct = ",".join([env.get("no_proxy", "127.0.0.1,localhost"), f"{subnet}.1", *(n[2] for n in nodes)])
-        env["no_proxy"] = env["NO_PROXY"] = direct
-        yield Cluster(run_dir, env, nodes, bridge, subnet, start_s)
-    finally:
-        subprocess.run([str(LOCAL_SLURM), "stop", "--purge"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with started(3) as cluster:
+        yield cluster
 
 
 def test_three_nodes_each_with_its_own_name_and_address(nodes3):
@@ -127,19 +73,6 @@ def test_three_nodes_each_with_its_own_name_and_address(nodes3):
             server.wait()
 
 
-def _wait_states(cluster: Cluster, ids: list[str], timeout: float = 600, while_waiting=lambda: None) -> dict[str, str]:
-    end = time.monotonic() + timeout
-    states: dict[str, str] = {}
-    while time.monotonic() < end:
-        while_waiting()
-        out = cluster.run("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)).stdout
-        states = {line.split("|")[0]: line.split("|")[1].split()[0] for line in out.splitlines() if "|" in line}
-        if len(states) == len(ids) and set(states.values()) <= FINAL:
-            return states
-        time.sleep(2)
-    raise AssertionError(f"jobs {ids} did not end: {states}")
-
-
 def _listeners(ns: str | None) -> list[tuple[str, str, int]]:
     """(address:port, program, pid) of the TCP listeners in network namespace ``ns`` (None: the machine's own)."""
     cmd = ["ss", "-ltnpH"] if ns is None else ["nsenter", f"--net=/run/netns/{ns}", "ss", "-ltnpH"]
@@ -162,14 +95,9 @@ def test_a_sweep_runs_across_two_nodes(nodes3, tmp_path, tiny_cache):
             "grid": {"variant": ["plain", "bn"], "lr_schedule": ["const_1e-3"]},
             "training": {"epochs": 1, "batch_size": 64, "precision": "fp32"},
             "resources": {"cpu": 2}, "retries": 1, "results": str(tmp_path / "results")}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     t0 = time.monotonic()
-    r = nodes3.run(sys.executable, "-m", "vgg_xai.cli", "submit", str(tmp_path / "spec.yaml"), "--cluster",
-                   str(REPO / "cluster" / "local-multi.yaml"), timeout=300)
-    assert r.returncode == 0, r.stderr
-    jobs = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()
-            if line.split()[0] in ("sweep", "postprocess")}
-    sweep = tmp_path / "results" / "mn"
+    ids, sweep = submit(nodes3, spec, tmp_path, "local-multi.yaml")
+    jobs = dict(ids)
     # While it runs: where do this run's Ray daemons listen? Each node's in its own namespace (whose
     # only addresses are the node's and its own loopback), none in the machine's own namespace.
     daemons = {int(p.read_text().split()[0]) for p in [*nodes3.run_dir.glob("run/*.pid"),
@@ -185,7 +113,7 @@ def test_a_sweep_runs_across_two_nodes(nodes3, tmp_path, tiny_cache):
         ours_here.update(prog for _, prog, pid in mine if pid in daemons)
         outside.extend(x for x in mine if x[2] not in daemons)
 
-    states = _wait_states(nodes3, [jobs["sweep"], jobs["postprocess"]], while_waiting=sample)
+    states = wait_states(nodes3, [jobs["sweep"], jobs["postprocess"]], while_waiting=sample)
     print(f"\nsubmit to done on 2 nodes (2 trials x 1 epoch, then post-processing): {time.monotonic() - t0:.1f} s")
     status = nodes3.run(sys.executable, "-m", "vgg_xai.cli", "status", str(sweep)).stdout
     assert states == {jobs["sweep"]: "COMPLETED", jobs["postprocess"]: "COMPLETED"}, status
@@ -230,13 +158,7 @@ def _submit(cluster: Cluster, tmp_path: Path, cache: Path, name: str, variants: 
             "grid": {"variant": variants, "lr_schedule": ["const_1e-3"]},
             "training": {"epochs": 1, "batch_size": 64, "precision": "fp32"},
             "resources": {"cpu": 2}, "retries": 1, "results": str(d / "results")}
-    (d / "spec.yaml").write_text(yaml.safe_dump(spec))
-    r = cluster.run(sys.executable, "-m", "vgg_xai.cli", "submit", str(d / "spec.yaml"), "--cluster",
-                    str(REPO / "cluster" / profile), *args, timeout=300)
-    assert r.returncode == 0, r.stderr
-    ids = [(line.split()[0], line.split()[1]) for line in r.stdout.splitlines()
-           if line.split()[0] in ("sweep", "trial", "postprocess")]
-    return ids, d / "results" / name
+    return submit(cluster, spec, d, profile, *args)
 
 
 def _hosts(sweep: Path) -> dict[str, list[str]]:
@@ -250,7 +172,7 @@ def test_an_array_spreads_over_the_nodes(nodes3, tmp_path, tiny_cache):
     t0 = time.monotonic()
     ids, sweep = _submit(nodes3, tmp_path, tiny_cache, "arr", ["plain", "bn", "l2"], "local.yaml", "--mode", "array")
     assert [role for role, _ in ids] == ["trial", "trial", "trial", "postprocess"], ids
-    states = _wait_states(nodes3, [jid for _, jid in ids])
+    states = wait_states(nodes3, [jid for _, jid in ids])
     print(f"\narray of 3 trials on 3 nodes, then post-processing: {time.monotonic() - t0:.1f} s")
     assert set(states.values()) == {"COMPLETED"}, states
     hosts = _hosts(sweep)
@@ -269,7 +191,7 @@ def test_two_sweep_jobs_share_the_cluster(nodes3, tmp_path, tiny_cache):
     two, sweep2 = _submit(nodes3, tmp_path, tiny_cache, "two", ["plain", "bn"], "local-multi.yaml")
     one, sweep1 = _submit(nodes3, tmp_path, tiny_cache, "one", ["bn"], "local.yaml")
     ids = dict(two), dict(one)
-    states = _wait_states(nodes3, [jid for _, jid in two + one])
+    states = wait_states(nodes3, [jid for _, jid in two + one])
     print(f"\na 2-node and a 1-node sweep job at once, with their post-processing: {time.monotonic() - t0:.1f} s")
     assert set(states.values()) == {"COMPLETED"}, states
     out = nodes3.run("sacct", "-X", "-n", "-P", "-o", "JobID,Start,End,NodeList", "-j",
@@ -288,13 +210,6 @@ def test_two_sweep_jobs_share_the_cluster(nodes3, tmp_path, tiny_cache):
         assert (s / "report.html").is_file() and all(r["status"] == "completed" for r in collect_rows(s))
 
 
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_kill_node_kills_every_process_of_the_node_at_once(nodes3):
     """`local-slurm kill-node` as a node dies: SIGKILL to its slurmd and everything on it, and DOWN in
     SLURM; the other nodes go on taking jobs."""
@@ -305,7 +220,7 @@ def test_kill_node_kills_every_process_of_the_node_at_once(nodes3):
     r = nodes3.run(str(LOCAL_SLURM), "kill-node", name)
     print(f"\nkill-node: {time.monotonic() - t0:.1f} s")
     assert r.returncode == 0, r.stderr
-    assert on_it.wait(timeout=5) == -9 and not _running(slurmd)
+    assert on_it.wait(timeout=5) == -9 and not running(slurmd)
     assert subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split() == []
     states = dict(line.split("|") for line in nodes3.run("sinfo", "-h", "-N", "-o", "%N|%T").stdout.splitlines())
     assert states[name].startswith("down") and [states[n[0]] for n in nodes3.nodes[:2]] == ["idle", "idle"], states
@@ -322,9 +237,9 @@ def test_stop_removes_what_start_made_and_nothing_else(nodes3):
     pids = {p.name: int(p.read_text().split()[0]) for p in files}
     states = dict(line.split("|") for line in nodes3.run("sinfo", "-h", "-N", "-o", "%N|%T").stdout.splitlines())
     up = {f"slurmd-{n}.pid" for n, state in states.items() if not state.startswith("down")}
-    assert len(pids) == 4 + 3 and {f for f, p in pids.items() if _running(p)} == set(pids) - {
+    assert len(pids) == 4 + 3 and {f for f, p in pids.items() if running(p)} == set(pids) - {
         f"slurmd-{n}.pid" for n in states} | up  # every daemon runs but the slurmd of a node killed above
-    pids = [p for p in pids.values() if _running(p)]
+    pids = [p for p in pids.values() if running(p)]
     # what a job left behind on a node (a process in its namespace that SLURM no longer tracks)
     ns = nodes3.nodes[1][1]
     left = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "sleep", "600"])
@@ -341,7 +256,7 @@ def test_stop_removes_what_start_made_and_nothing_else(nodes3):
             print(f"\n3-node SLURM stopped in {stop_s:.1f} s")
             assert r.returncode == 0, r.stderr
             assert left.wait(timeout=10) != 0  # killed
-            assert [p for p in pids if _running(p)] == []
+            assert [p for p in pids if running(p)] == []
             netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
             links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
             for name, namespace, _, link in nodes3.nodes:
