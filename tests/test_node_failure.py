@@ -13,7 +13,9 @@ report. Each test prints the failure's timeline.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -61,24 +63,23 @@ def _trials(sweep: Path) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("victim", ["worker", "head"])
-def test_a_node_that_dies_mid_sweep_loses_at_most_the_epoch_in_flight(nodes3, tmp_path, cache, victim):
-    """Four trials of 2 CPUs (a whole node each) on a 2-node sweep job: two run at a time. Once two
-    have finished and a trial on the victim node has a checkpoint, the node dies."""
-    spec = {"name": "nf", "data": {"source": str(cache)}, "model": {"width": 0.125},
+def _spec(cache: Path, tmp_path: Path) -> dict:
+    """Four trials of 2 CPUs (a whole node each): two run at a time on a 2-node sweep job."""
+    return {"name": "nf", "data": {"source": str(cache)}, "model": {"width": 0.125},
             "grid": {"variant": ["bn", "bn_dropout"], "lr_schedule": ["const_1e-3", "alternate"]},
             "training": {"epochs": EPOCHS, "batch_size": 32, "precision": "fp32"},
             "resources": {"cpu": 2}, "retries": 1, "results": str(tmp_path / "results")}
-    ids, sweep = submit(nodes3, spec, tmp_path, "local-multi.yaml")
-    jobs = dict(ids)
 
-    # Wait for the moment: two trials finished, and a trial on the victim node past its first epoch.
+
+def _moment(cluster: Cluster, job_id: str, sweep: Path, victim: str) -> tuple[str, list[str], list[str]]:
+    """Wait until two trials have finished and a trial on the victim node (the job's "head" or its
+    "worker") is past its first epoch: that node, the job's nodes, and the trials on it."""
     end = time.monotonic() + 600
     while True:
         assert time.monotonic() < end, f"no moment to kill a node: {_trials(sweep)}"
-        job = _job(nodes3, jobs["sweep"])
+        job = _job(cluster, job_id)
         if job.get("JobState") == "RUNNING":
-            allocated = nodes3.hostnames(job["NodeList"])
+            allocated = cluster.hostnames(job["NodeList"])
             node = job["BatchHost"] if victim == "head" else next(n for n in allocated if n != job["BatchHost"])
             trials = _trials(sweep)
             done = [t for t, s in trials.items() if s["finished"]]
@@ -86,8 +87,18 @@ def test_a_node_that_dies_mid_sweep_loses_at_most_the_epoch_in_flight(nodes3, tm
                    and s["attempts"][-1]["host"] == node and s["epochs"] < EPOCHS]
             assert len(done) < 4, f"every trial finished before a node could be killed: {trials}"
             if len(done) >= 2 and hit:
-                break
+                return node, allocated, hit
         time.sleep(0.3)
+
+
+@pytest.mark.parametrize("victim", ["worker", "head"])
+def test_a_node_that_dies_mid_sweep_loses_at_most_the_epoch_in_flight(nodes3, tmp_path, cache, victim):
+    """Once two trials have finished and a trial on the victim node has a checkpoint, the node dies."""
+    spec = _spec(cache, tmp_path)
+    ids, sweep = submit(nodes3, spec, tmp_path, "local-multi.yaml")
+    jobs = dict(ids)
+
+    node, allocated, hit = _moment(nodes3, jobs["sweep"], sweep, victim)
     survivor = next(n for n in allocated if n != node)
     on_survivor = nodes3.pids(survivor)  # the job's processes there: its step, Ray, trials
     t_kill = time.time()
@@ -138,3 +149,31 @@ def test_a_node_that_dies_mid_sweep_loses_at_most_the_epoch_in_flight(nodes3, tm
     assert sorted(row["trial_id"] for row in table["rows"]) == sorted(after)
     print(f"\n{victim} node {node} killed mid-sweep (trial {', '.join(hit)} at epoch {before[hit[0]]['epochs']}): "
           + ", ".join(f"{k} +{v:.1f} s" for k, v in sorted(timeline.items(), key=lambda kv: kv[1])))
+
+
+def test_a_worker_whose_ray_dies_while_its_node_lives_rejoins_the_sweep(nodes3, tmp_path, cache):
+    """The raylet of the worker node is killed, the node itself lives: SLURM sees nothing, the job's
+    task on that node starts its Ray again and the node rejoins; Ray retries the trial it lost from
+    its checkpoint, and the job completes without a requeue."""
+    ids, sweep = submit(nodes3, _spec(cache, tmp_path), tmp_path, "local-multi.yaml")
+    jobs = dict(ids)
+    node, _, hit = _moment(nodes3, jobs["sweep"], sweep, "worker")
+    raylets = [p for p in nodes3.pids(node) if Path(f"/proc/{p}/comm").read_text().strip() == "raylet"]
+    assert len(raylets) == 1, raylets
+    t_kill = time.time()
+    os.kill(raylets[0], signal.SIGKILL)
+    states = wait_states(nodes3, [jobs["sweep"], jobs["postprocess"]], timeout=900)
+    status = nodes3.run(sys.executable, "-m", "vgg_xai.cli", "status", str(sweep)).stdout
+    assert states == {jobs["sweep"]: "COMPLETED", jobs["postprocess"]: "COMPLETED"}, status
+    runs = sacct(nodes3, [jobs["sweep"]], "JobID,State", every_run=True)
+    assert [state.split()[0] for _, state in runs] == ["COMPLETED"], runs  # one run: no requeue
+    log = next((sweep / "slurm" / "ray-logs").glob("*-worker1.log")).read_text(errors="replace")
+    assert log.count("Ray runtime started") == 2, log[-3000:]  # started again, and joined
+    err = next((sweep / "slurm" / jobs["sweep"]).glob("*_1_log.err")).read_text(errors="replace")
+    assert "the Ray worker on" in err and "(start 1 of 3)" in err, err[-2000:]
+    assert sorted(r["status"] for r in collect_rows(sweep)) == ["completed"] * 4, status
+    for t in hit:
+        new = [a for a in trial_folder.read_attempts(sweep / "trials" / t) if a["time"] > t_kill]
+        assert new and new[-1]["start_epoch"] >= 1, (t, new)
+        print(f"\nworker {node}'s raylet killed: trial {t} resumed +{new[0]['time'] - t_kill:.1f} s "
+              f"from epoch {new[-1]['start_epoch']} on {new[-1]['host']}")

@@ -116,6 +116,9 @@ def _interpret(sweep_dir: Path, address: str | None = None) -> None:
     postprocess(sweep_dir, address=address)
 
 
+WORKER_STARTS = 3  # how often a worker node starts its Ray before it gives up
+
+
 @dataclass
 class SweepJob(submitit.helpers.Checkpointable):
     """One sweep inside one allocation; requeued on SLURM's warning, resumed from trial folders."""
@@ -187,14 +190,23 @@ class SweepJob(submitit.helpers.Checkpointable):
                 raise RuntimeError(f"no Ray head address in {rendezvous} after 600 s; see task 0's log")
             time.sleep(1)
         address = json.loads(rendezvous.read_text())["address"]
-        self._nodes = [runtime.start_worker(address, ip, cpus, gpus,
-                                          folder / "ray-logs" / f"{run}-worker{env.global_rank}.log", token=token)]
+        log = folder / "ray-logs" / f"{run}-worker{env.global_rank}.log"
         try:
-            while not done.exists() and self._nodes[0].proc.poll() is None:
-                time.sleep(2)
+            for start in range(1, WORKER_STARTS + 1):
+                self._nodes = [runtime.start_worker(address, ip, cpus, gpus, log, token=token)]
+                while not done.exists() and self._nodes[0].proc.poll() is None:
+                    time.sleep(2)
+                if done.exists():
+                    return None
+                # This node's Ray ended (or never came up: `ray start` times out on a loaded node) while
+                # the driver still runs: start it again, so that the node rejoins the sweep.
+                print(f"vgg-xai: the Ray worker on {ip} exited with {self._nodes[0].proc.returncode} "
+                      f"(start {start} of {WORKER_STARTS}); the end of {log}:\n{self._nodes[0].log_tail()}",
+                      file=sys.stderr, flush=True)
+                self._stop_ray()
+            raise RuntimeError(f"the Ray worker on {ip} exited {WORKER_STARTS} times; see {log}")
         finally:
             self._stop_ray()
-        return None
 
     @staticmethod
     def _node_ip() -> str:
