@@ -91,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=6, help="trials (a multiple of 6), one CPU slot each")
     ap.add_argument("--images", type=int, default=600, help="training images per trial")
+    ap.add_argument("--keep", type=Path, default=None, help="copy each run's sweep folder (logs, trials) here")
     args = ap.parse_args()
     if args.trials % 6:
         raise SystemExit("--trials must be a multiple of 6 (1, 2 and 3 nodes split it evenly)")
@@ -112,6 +113,9 @@ def main() -> None:
         env["no_proxy"] = env["NO_PROXY"] = ",".join(["127.0.0.1,localhost", f"{subnet}.1", *addrs])
         try:
             rows = {n: one(env, root, cache, n, args.trials) for n in (1, 2, 3)}
+            if args.keep:
+                for n in rows:
+                    shutil.copytree(root / f"n{n}", args.keep / f"n{n}", dirs_exist_ok=True)
         finally:
             subprocess.run([str(LOCAL_SLURM), "stop", "--purge"], env=env, capture_output=True)
             shutil.rmtree(slurm_dir, ignore_errors=True)
