@@ -18,7 +18,6 @@ done (its post-processing is not what this measures), and the next starts once t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -32,17 +31,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_overhead import tiny_cache  # noqa: E402
 
+from vgg_xai import trial_folder  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "cluster" / "local-slurm" / "local-slurm"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("http_proxy", "http://127.0.0.1:9")
-
-
-def history_rows(trial: Path) -> int:
-    try:
-        return max(0, len((trial / "history.csv").read_text().splitlines()) - 1)
-    except OSError:
-        return 0
 
 
 def one(env: dict[str, str], root: Path, cache: Path, nodes: int, trials: int) -> dict[str, float]:
@@ -66,9 +60,9 @@ def one(env: dict[str, str], root: Path, cache: Path, nodes: int, trials: int) -
     first = None
     while True:
         dirs = [t for t in (sweep / "trials").glob("*") if t.is_dir()] if (sweep / "trials").is_dir() else []
-        if first is None and any(history_rows(t) for t in dirs):
+        if first is None and any(trial_folder.read_history(t) for t in dirs):
             first = time.monotonic() - t0
-        results = [t / "result.json" for t in dirs if (t / "result.json").is_file()]
+        results = [r for r in map(trial_folder.read_result, dirs) if r is not None]
         if dirs and len(results) == len(dirs) == trials:
             break
         if time.monotonic() - t0 > 1200:
@@ -81,8 +75,8 @@ def one(env: dict[str, str], root: Path, cache: Path, nodes: int, trials: int) -
         if time.monotonic() > end:
             raise SystemExit(f"{nodes} node(s): jobs still in the queue 300 s after cancel")
         time.sleep(1)
-    walls = [json.loads(p.read_text())["wall_s"] for p in results]
-    hosts = {json.loads(line)["host"] for t in dirs for line in (t / "attempts.jsonl").read_text().splitlines()}
+    walls = [r["wall_s"] for r in results]
+    hosts = {a["host"] for t in dirs for a in trial_folder.read_attempts(t)}
     return {"first_epoch_s": first, "makespan_s": makespan, "trial_wall_s": sum(walls) / len(walls),
             "overhead_per_trial_s": (makespan * trials - sum(walls)) / trials, "hosts": len(hosts)}
 
